@@ -250,4 +250,4 @@ def load_model(directory: str | Path) -> NomicMoEModel:
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{path}: reading tensors failed ({err}); the file is truncated or corrupt.") from None
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.eval().requires_grad_(False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from nomic_export import __version__
 from nomic_export.errors import UserError
@@ -29,7 +30,37 @@ def _cmd_build_ops(args: argparse.Namespace) -> None:
     print(build(verbose=args.verbose, force=args.force))
 
 
+def _gates(args: argparse.Namespace):
+    from nomic_export.exporter.gates import GATE_FIELDS, Gates
+
+    return Gates(**{f.name: getattr(args, f.name) for f in GATE_FIELDS})
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from nomic_export.exporter.export import export
+
+    export(
+        args.model,
+        args.output,
+        revision=args.revision,
+        variants=args.variants,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        gates=_gates(args),
+    )
+    print(args.output)
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from nomic_export.exporter.export import verify_export
+    from nomic_export.exporter.verify import format_table
+
+    print(format_table(verify_export(args.out, reference=args.reference, gates=_gates(args))))
+
+
 COMMANDS = {
+    "export": _cmd_export,
+    "verify": _cmd_verify,
     "init-random": _cmd_init_random,
     "build-ops": _cmd_build_ops,
 }
@@ -50,21 +81,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the cached library is current")
     p.add_argument("--verbose", action="store_true")
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX and verify it against the PyTorch reference")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"Hub id or local directory (default {DEFAULT_MODEL})")
+    p.add_argument("-o", "--output", required=True, help="the export directory to create")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--variants", default="moe", help="comma-separated: moe (custom op), ortmoe, dense (default moe)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    _add_gate_flags(p)
+
+    p = sub.add_parser("verify", help="verify every variant in an export directory against the PyTorch reference")
+    p.add_argument("out", help="an export directory")
+    p.add_argument("--reference", help="checkpoint to compare with (default: the source in export_report.json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but the table and errors")
+    _add_gate_flags(p)
+
     return parser
+
+
+def _add_gate_flags(p: argparse.ArgumentParser) -> None:
+    from nomic_export.exporter.gates import GATE_FIELDS
+
+    for f in GATE_FIELDS:
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.ERROR if getattr(args, "quiet", False) else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    # Our own progress lines at INFO; other libraries' chatter (torch.onnx, onnxscript) only when it is an error.
+    logging.basicConfig(level=logging.ERROR, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("nomic_export").setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.filterwarnings("ignore", module="onnxscript")
     try:
         COMMANDS[args.command](args)
     except UserError as err:
         print(f"nomic-export {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"nomic-export {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,3 +6,15 @@ class UserError(Exception):
 
     The message names the thing, shows the value and says what to do (STYLE.md rule 12).
     """
+
+    exit_code = 2
+
+
+class VerificationError(UserError):
+    """An export missed a verification gate; ``results`` holds every variant's figures."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
