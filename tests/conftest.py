@@ -27,3 +27,13 @@ def tiny_model(tiny_checkpoint):
     from nomic_export.exporter.checkpoint import load_model
 
     return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported with all three variants and verified. Treat it as read-only."""
+    from nomic_export.exporter.export import export
+
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    export(str(tiny_checkpoint), out, variants=("moe", "ortmoe", "dense"))
+    return out
