@@ -149,6 +149,42 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// ---- small blocks: ORT's MatMul packs the whole weight for every call, which at a few rows costs more
+// than the product; these stream each weight row once instead. Compiled for AVX-512, AVX2 and baseline,
+// picked at load time (ifunc), so the library runs on any x86-64. ----
+
+constexpr size_t kSmallRows = 16;  // blocks with at most this many rows take the streaming path
+
+// out[m, f] = sum_h x[m, h] w[f, h] for f in [f0, f1); x (M, H), w (F, H), out (M, F)
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void StreamGemmNT(const float* x, size_t M, const float* w, size_t H, size_t F, size_t f0, size_t f1, float* out) {
+  for (size_t f = f0; f < f1; ++f) {
+    const float* wr = w + f * H;
+    for (size_t m = 0; m < M; ++m) {
+      const float* xr = x + m * H;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (size_t h = 0; h < H; ++h) acc += xr[h] * wr[h];
+      out[m * F + f] = acc;
+    }
+  }
+}
+
+// out[m, h] = sum_f a[m, f] w[f, h] for h in [h0, h1); a (M, F), w (F, H), out (M, H)
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void StreamGemmNN(const float* a, size_t M, const float* w, size_t F, size_t H, size_t h0, size_t h1, float* out) {
+  for (size_t m = 0; m < M; ++m) std::fill(out + m * H + h0, out + m * H + h1, 0.0f);
+  for (size_t f = 0; f < F; ++f) {
+    const float* wr = w + f * H;
+    for (size_t m = 0; m < M; ++m) {
+      const float g = a[m * F + f];
+      float* o = out + m * H;
+#pragma omp simd
+      for (size_t h = h0; h < h1; ++h) o[h] += g * wr[h];
+    }
+  }
+}
+
 struct Attributes {
   int64_t top_k = kDefaultTopK;
   std::string activation = kDefaultActivation;
@@ -498,7 +534,13 @@ struct MoEKernel {
       Ort::Value act_v = WrapFloat(activated, {m, f});
       Ort::Value w2_v = WrapFloat(const_cast<float*>(w2_e), {f, h});
       Ort::Value y_v = WrapFloat(y_block, {m, h});
-      {
+      const bool small = M <= kSmallRows;
+      if (small) {
+        constexpr size_t kCols = 32;
+        ParallelFor(ctx, (F + kCols - 1) / kCols, [&](size_t c) {
+          StreamGemmNT(x_block, M, w1_e, H, F, c * kCols, std::min(F, (c + 1) * kCols), hidden);
+        });
+      } else {
         const OrtValue* in[] = {x_v, w1_v};
         OrtValue* out[] = {hidden_v};
         gemm_w1_.Invoke(context, in, 2, out, 1);  // (M, H) x (F, H)^T -> (M, F)
@@ -508,7 +550,12 @@ struct MoEKernel {
         OrtValue* out[] = {act_v};
         act_.Invoke(context, in, 1, out, 1);
       }
-      {
+      if (small) {
+        constexpr size_t kCols = 128;
+        ParallelFor(ctx, (H + kCols - 1) / kCols, [&](size_t c) {
+          StreamGemmNN(activated, M, w2_e, F, H, c * kCols, std::min(H, (c + 1) * kCols), y_block);
+        });
+      } else {
         const OrtValue* in[] = {act_v, w2_v};
         OrtValue* out[] = {y_v};
         matmul_w2_.Invoke(context, in, 2, out, 1);  // (M, F) x (F, H) -> (M, H)
