@@ -58,11 +58,36 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(format_table(verify_export(args.out, reference=args.reference, gates=_gates(args))))
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import json
+
+    from nomic_export.runtime import EmbedStats, MoETextEmbedding
+
+    texts = list(args.texts)
+    if args.file:
+        try:
+            handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+            with handle:
+                texts += [line.rstrip("\n") for line in handle]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--file {args.file!r}: {err}; give a UTF-8 text file, one text per line") from err
+    model = MoETextEmbedding(args.out, variant=args.variant, threads=args.threads)
+    stats = EmbedStats()
+    try:
+        for text, vector in zip(texts, model.embed(texts, batch_size=args.batch_size, task=args.task, dim=args.dim, stats=stats)):
+            print(json.dumps({"text": text, "embedding": vector.tolist()}, ensure_ascii=False))
+    except ValueError as err:  # a bad --dim or --batch-size, named by the runtime
+        raise UserError(str(err)) from err
+    if stats.truncated:
+        logging.getLogger("nomic_export").warning("embed: %d text(s) cut to 512 tokens, at positions (0-based) %s", stats.truncated, stats.truncated_indices)
+
+
 COMMANDS = {
     "export": _cmd_export,
     "verify": _cmd_verify,
     "init-random": _cmd_init_random,
     "build-ops": _cmd_build_ops,
+    "embed": _cmd_embed,
 }
 
 
@@ -96,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="checkpoint to compare with (default: the source in export_report.json)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but the table and errors")
     _add_gate_flags(p)
+
+    p = sub.add_parser("embed", help="embed texts with an export directory (torch-free); one JSON line per text")
+    p.add_argument("out", help="an export directory, or a Hub id")
+    p.add_argument("texts", nargs="*", help="texts to embed (as given: no prefix unless --task)")
+    p.add_argument("--file", help="also embed each line of this file ('-' for stdin)")
+    p.add_argument("--task", choices=("search_query", "search_document", "classification", "clustering"), help="prepend Nomic's task prefix")
+    p.add_argument("--dim", type=int, help="Matryoshka size, 64 to 768 (default: the full hidden size)")
+    p.add_argument("--variant", default="moe", help="moe (default), ortmoe or dense")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
 
     return parser
 
