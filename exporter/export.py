@@ -22,11 +22,13 @@ from nomic_export import __version__
 from nomic_export.errors import UserError, VerificationError
 from nomic_export.exporter.gates import Gates
 from nomic_export.exporter.checkpoint import load_model, resolve_checkpoint
+from nomic_export.exporter.model_card import render_model_card
 from nomic_export.exporter.verify import format_table, verify
 from nomic_export.layout import (
     CUSTOM_OPS_DIR,
     DEFAULT_VARIANTS,
     LIBRARY_NAME,
+    MODEL_CARD_NAME,
     ONNX_DIR,
     REPORT_NAME,
     SENTENCE_TRANSFORMERS_FILES,
@@ -55,6 +57,9 @@ def export(
     opset: int | None = None,
     overwrite: bool = False,
     gates: Gates = Gates(),
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
 ) -> dict:
     """Export a checkpoint to ``out``, verify every variant, and return the export report.
 
@@ -66,6 +71,9 @@ def export(
         opset: the ONNX opset (default ``graphs.DEFAULT_OPSET``).
         overwrite: replace an existing ``out``.
         gates: verification pass marks; a miss fails the export and keeps no OUT.
+        push_to_hub: ``OWNER/NAME``: publish OUT there once it is written and verified.
+        private: create the ``push_to_hub`` repository private.
+        token: the Hub token for ``push_to_hub``; default the one huggingface_hub finds.
     Returns:
         The report written to ``out/export_report.json``.
     Example:
@@ -81,6 +89,11 @@ def export(
         raise UserError(f"--opset {opset}: the graph needs opset >= {graphs.DEFAULT_OPSET} (for Gelu).")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another directory.")
+    if push_to_hub:  # refuse a bad repo id or a missing token now, not after a long export
+        from nomic_export.exporter.publish import check_repo_id, resolve_token
+
+        check_repo_id(push_to_hub)
+        token = resolve_token(token)
 
     log.info("resolve: %s%s", model, f" @ {revision}" if revision else "")
     source = resolve_checkpoint(model, revision=revision)
@@ -122,11 +135,16 @@ def export(
         print_table(results)
         report = _report(model, revision, source, tmp, results, gates, time.monotonic() - started)
         write_report(tmp, report)
+        (tmp / MODEL_CARD_NAME).write_text(render_model_card(report, tmp))
         tmp.chmod(0o755)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("done: %s (%.0f s)", out, time.monotonic() - started)
+    if push_to_hub:  # only reached once every variant passed verification
+        from nomic_export.exporter.publish import publish
+
+        publish(out, push_to_hub, private=private, token=token)
     return report
 
 
@@ -248,6 +266,7 @@ def verify_export(out: str | Path, reference: str | None = None, gates: Gates = 
     for variant, figures in results.items():
         report["variants"].setdefault(variant, {"file": variant_onnx_path(variant)})["verification"] = figures
     write_report(out, report)
+    (out / MODEL_CARD_NAME).write_text(render_model_card(report, out))
     if failed:
         raise failed
     return results
