@@ -47,6 +47,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
         opset=args.opset,
         overwrite=args.overwrite,
         gates=_gates(args),
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        token=args.token,
     )
     print(args.output)
 
@@ -82,8 +85,25 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         logging.getLogger("nomic_export").warning("embed: %d text(s) cut to 512 tokens, at positions (0-based) %s", stats.truncated, stats.truncated_indices)
 
 
+def _cmd_publish(args: argparse.Namespace) -> None:
+    from nomic_export.exporter.publish import format_plan, publish
+
+    result = publish(
+        args.out,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+        dry_run=args.dry_run,
+        allow_unverified=args.allow_unverified,
+    )
+    print(format_plan(result, args.out) if args.dry_run else result["commit_url"])
+
+
 COMMANDS = {
     "export": _cmd_export,
+    "publish": _cmd_publish,
     "verify": _cmd_verify,
     "init-random": _cmd_init_random,
     "build-ops": _cmd_build_ops,
@@ -114,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="publish OUT to this Hub repository once it is verified")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--token", help="with --push-to-hub: Hub token (default: HF_TOKEN or `hf auth login`'s)")
     _add_gate_flags(p)
 
     p = sub.add_parser("verify", help="verify every variant in an export directory against the PyTorch reference")
@@ -131,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="moe", help="moe (default), ortmoe or dense")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
+
+    p = sub.add_parser("publish", help="upload a verified export directory to the Hugging Face Hub in one commit")
+    p.add_argument("out", help="an export directory")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="the Hub model repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default main)")
+    p.add_argument("--commit-message", help="default: Upload ONNX export (nomic-export VERSION)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`'s); never printed")
+    p.add_argument("--dry-run", action="store_true", help="print every file and its size; no network")
+    p.add_argument("--allow-unverified", action="store_true", help="publish even if a variant failed verification")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but the result and errors")
 
     return parser
 
