@@ -73,8 +73,8 @@ def render_model_card(report: dict, out: Path, repo_id: str | None = None, licen
         out: the export directory (read for file sizes, op-library platforms, config.json and an existing card).
         repo_id: the Hub repository the card is published in; default the one an existing card names,
             else the placeholder ``OWNER/NAME``.
-        license: the license id; default the existing card's, else the source's README.md front matter,
-            else ``apache-2.0`` (the base model's).
+        license: the license id; default the source's README.md front matter, else the existing card's
+            (the source may be gone by ``verify`` or ``publish``), else ``apache-2.0`` (the base model's).
     Returns:
         The card's text: YAML front matter, then Markdown.
     Example:
@@ -83,7 +83,7 @@ def render_model_card(report: dict, out: Path, repo_id: str | None = None, licen
     out = Path(out)
     existing = _existing_card(out)
     repo_id = repo_id or existing.get("repo_id") or REPO_ID_PLACEHOLDER
-    license = license or existing.get("license") or _source_license(report) or DEFAULT_LICENSE
+    license = license or _source_license(report) or existing.get("license") or DEFAULT_LICENSE
     source = report.get("source", {})
     base_model = _base_model(source)
     config = _read_json(out / "config.json")
@@ -223,9 +223,9 @@ def _usage_section(variants: list[str], platforms: list[str], repo_id: str, hidd
         "```python\n"
         "from nomic_export.runtime import MoETextEmbedding\n\n"
         f'model = MoETextEmbedding("{repo_id}", variant="{runtime_variant}")  # or a local export directory\n'
-        'queries = model.query_embed(["What is the capital of France?"])      # adds "search_query: "\n'
-        'documents = model.passage_embed(["Paris is the capital of France."])  # adds "search_document: "\n'
-        f'small = model.embed(["A text to cluster."], task="clustering", dim={small_dim})  # Matryoshka\n'
+        'queries = list(model.query_embed(["What is the capital of France?"]))      # adds "search_query: "\n'
+        'documents = list(model.passage_embed(["Paris is the capital of France."]))  # adds "search_document: "\n'
+        f'small = list(model.embed(["A text to cluster."], task="clustering", dim={small_dim}))  # Matryoshka\n'
         "```\n"
     )
     if "moe" in variants:
