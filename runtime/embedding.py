@@ -244,12 +244,14 @@ class MoETextEmbedding:
         self.tokenizer.enable_truncation(MAX_TOKENS)
         pad = config.get("pad_token_id", self.tokenizer.token_to_id("<pad>"))
         self.pad_id = int(pad if pad is not None else 1)
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which we never use: ~4x faster.
+        self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
 
     # ---- tokenising and batching ----
 
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> Batch:
         """One right-padded batch for ``texts`` (with the task prefix, if given), as the model takes it."""
-        encodings = self.tokenizer.encode_batch(self._prefixed(texts, task))
+        encodings = self._encode_batch(self._prefixed(texts, task))
         return self._pad(encodings)
 
     def _prefixed(self, texts: Sequence[str], task: str | None, offset: int = 0) -> list[str]:
@@ -332,7 +334,7 @@ class MoETextEmbedding:
             offset += len(texts)
 
     def _embed_window(self, texts: list, offset: int, batch_size: int, task, dim, stats: EmbedStats) -> list[np.ndarray]:
-        encodings = self.tokenizer.encode_batch(self._prefixed(texts, task, offset))
+        encodings = self._encode_batch(self._prefixed(texts, task, offset))
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         vectors: list[np.ndarray | None] = [None] * len(encodings)
         for start in range(0, len(order), batch_size):
