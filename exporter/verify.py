@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -146,14 +144,9 @@ def open_session(out: Path, variant: str, extra_outputs: bool = False, threads: 
     model = onnx.load(str(path), load_external_data=False)
     names = json.loads({p.key: p.value for p in model.metadata_props}[MOE_INPUTS_KEY])
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    with tempfile.TemporaryDirectory(prefix="nomic-verify-") as tmp:
-        # The graph's external data is found relative to the model file: link it into the temporary folder.
-        for data in path.parent.iterdir():
-            if data.name.startswith(path.name):
-                os.symlink(data.resolve(), Path(tmp) / data.name)
-        probe_path = Path(tmp) / path.name
-        onnx.save(model, str(probe_path))
-        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+    # From bytes, ORT finds external data in the folder this session option names.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session, names
 
 
