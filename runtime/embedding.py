@@ -266,7 +266,7 @@ class MoETextEmbedding:
         return [prefix + text for text in texts] if prefix else list(texts)
 
     def _pad(self, encodings) -> Batch:
-        width = max(len(e.ids) for e in encodings)
+        width = max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         for row, encoding in enumerate(encodings):

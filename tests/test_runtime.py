@@ -134,6 +134,7 @@ def test_dim_bounds_follow_the_model(moe):
 
 def test_empty_list_gives_empty_result_and_empty_string_embeds(moe):
     assert list(moe.embed([])) == []
+    assert moe.tokenize([]).input_ids.shape == (0, 0)
     assert moe.tokenize([""]).input_ids.tolist() == [[0, 2]]  # <s></s>
     (vector,) = moe.embed([""])
     assert np.isfinite(vector).all() and abs(np.linalg.norm(vector) - 1) < 1e-5
