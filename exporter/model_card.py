@@ -98,7 +98,8 @@ def render_model_card(report: dict, out: Path, repo_id: str | None = None, licen
         f"# {base_model.split('/')[-1]} in ONNX, with sparse MoE routing\n",
         f"ONNX export of [{base_model}](https://huggingface.co/{base_model}) made by "
         f"nomic-export {report.get('versions', {}).get('nomic_export', __version__)}. "
-        "Every MoE layer routes each token to its top-2 of 8 experts at run time: the routing is computed "
+        f"Every MoE layer routes each token to its top-{config.get('moe_top_k', 2)} of "
+        f"{config.get('num_experts', 8)} experts at run time: the routing is computed "
         "in the graph, never frozen into constants by tracing. Every variant was checked against the "
         "PyTorch reference before this export was written (figures below).\n",
         _source_section(source, report),
