@@ -101,7 +101,34 @@ def _cmd_publish(args: argparse.Namespace) -> None:
     print(format_plan(result, args.out) if args.dry_run else result["commit_url"])
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return values
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from nomic_export.exporter.bench import bench, format_tables
+
+    results = bench(
+        args.out,
+        batches=args.batch,
+        seqs=args.seq,
+        threads=args.threads,
+        torch_reference=args.torch_reference,
+        rounds=args.rounds,
+        json_path=args.json,
+        plot_path=args.plot,
+    )
+    print(format_tables(results))
+
+
 COMMANDS = {
+    "bench": _cmd_bench,
     "export": _cmd_export,
     "publish": _cmd_publish,
     "verify": _cmd_verify,
@@ -165,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print every file and its size; no network")
     p.add_argument("--allow-unverified", action="store_true", help="publish even if a variant failed verification")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but the result and errors")
+
+    p = sub.add_parser("bench", help="measure every variant (and the PyTorch reference) side by side")
+    p.add_argument("out", help="an export directory")
+    p.add_argument("--batch", type=_ints, default=(1, 8, 32), help="batch sizes (default 1,8,32)")
+    p.add_argument("--seq", type=_ints, default=(16, 128, 512), help="sequence lengths (default 16,128,512)")
+    p.add_argument("--threads", type=_ints, default=(1, 2), help="intra-op thread counts (default 1,2)")
+    p.add_argument("--torch-reference", metavar="MODEL", help="checkpoint for the PyTorch reference contender")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds per case (default 5)")
+    p.add_argument("--json", metavar="F", help="write the results as JSON")
+    p.add_argument("--plot", metavar="F.png", help="draw tokens/s per batch shape (needs matplotlib)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but the tables and errors")
 
     return parser
 
