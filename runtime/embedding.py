@@ -152,7 +152,8 @@ def resolve_model_dir(
         present = [v for v in VARIANTS if (out / variant_onnx_path(v)).is_file()]
         raise UserError(
             f"{out}: no {', '.join(missing)}, so the {variant!r} variant cannot run; "
-            f"variants present: {', '.join(present) or 'none'}. Export it with `nomic-export export --variants {variant}`."
+            f"variants present: {', '.join(present) or 'none'}. "
+            f"Export it with `nomic-export export --variants {variant}`."
         )
     return out
 
@@ -283,7 +284,9 @@ class MoETextEmbedding:
             return
         low = min(MIN_DIM, self.hidden_size)
         if isinstance(dim, bool) or not isinstance(dim, int) or not low <= dim <= self.hidden_size:
-            raise ValueError(f"dim is {dim!r}; Matryoshka dims run from {low} to {self.hidden_size} (the model's hidden size)")
+            raise ValueError(
+                f"dim is {dim!r}; Matryoshka dims run from {low} to {self.hidden_size} (the model's hidden size)"
+            )
 
     def embed(
         self,
@@ -333,7 +336,7 @@ class MoETextEmbedding:
             yield from self._embed_window(texts, offset, batch_size, task, dim, stats)
             offset += len(texts)
 
-    def _embed_window(self, texts: list, offset: int, batch_size: int, task, dim, stats: EmbedStats) -> list[np.ndarray]:
+    def _embed_window(self, texts: list, offset: int, batch_size: int, task, dim, stats: EmbedStats) -> list:
         encodings = self._encode_batch(self._prefixed(texts, task, offset))
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         vectors: list[np.ndarray | None] = [None] * len(encodings)
@@ -355,10 +358,14 @@ class MoETextEmbedding:
         stats.texts += len(texts)
         return vectors
 
-    def query_embed(self, query: str | Iterable[str], batch_size: int = 32, dim: int | None = None, stats: EmbedStats | None = None) -> Iterator[np.ndarray]:
+    def query_embed(
+        self, query: str | Iterable[str], batch_size: int = 32, dim: int | None = None, stats: EmbedStats | None = None
+    ) -> Iterator[np.ndarray]:
         """Embed queries with the ``search_query: `` prefix added (fastembed's ``query_embed``)."""
         return self.embed(query, batch_size=batch_size, task="search_query", dim=dim, stats=stats)
 
-    def passage_embed(self, texts: str | Iterable[str], batch_size: int = 32, dim: int | None = None, stats: EmbedStats | None = None) -> Iterator[np.ndarray]:
+    def passage_embed(
+        self, texts: str | Iterable[str], batch_size: int = 32, dim: int | None = None, stats: EmbedStats | None = None
+    ) -> Iterator[np.ndarray]:
         """Embed documents with the ``search_document: `` prefix added (fastembed's ``passage_embed``)."""
         return self.embed(texts, batch_size=batch_size, task="search_document", dim=dim, stats=stats)

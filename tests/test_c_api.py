@@ -60,7 +60,8 @@ def run_c(program: Path, model: Path, library: Path, ids: np.ndarray, mask: np.n
         np.array(ids.shape, dtype=np.int64).tofile(handle)
         ids.astype(np.int64).tofile(handle)
         mask.astype(np.int64).tofile(handle)
-    result = subprocess.run([str(program), str(model), str(library), str(inputs), str(output)], capture_output=True, text=True)
+    command = [str(program), str(model), str(library), str(inputs), str(output)]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     batch, seq, hidden = map(int, result.stdout.split())
     assert (batch, seq) == ids.shape
@@ -70,8 +71,10 @@ def run_c(program: Path, model: Path, library: Path, ids: np.ndarray, mask: np.n
 def test_c_program_reproduces_the_python_runtime(c_program, tiny_export, tmp_path):
     model = MoETextEmbedding(tiny_export, variant="moe", threads=1)
     batch = model.tokenize(TEXTS)
-    expected = model.session.run(["last_hidden_state"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})[0]
-    hidden = run_c(c_program, tiny_export / "onnx" / "model.onnx", model.op_library, batch.input_ids, batch.attention_mask, tmp_path)
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    expected = model.session.run(["last_hidden_state"], feeds)[0]
+    graph = tiny_export / "onnx" / "model.onnx"
+    hidden = run_c(c_program, graph, model.op_library, batch.input_ids, batch.attention_mask, tmp_path)
     assert hidden.shape == expected.shape == (len(TEXTS), MAX_TOKENS, model.hidden_size)
     np.testing.assert_allclose(hidden, expected, atol=C_API_ATOL, rtol=0)
 
@@ -84,6 +87,7 @@ def test_c_program_reports_a_missing_library(c_program, tiny_export, tmp_path):
         ids.tofile(handle)
         np.ones_like(ids).tofile(handle)
     model = tiny_export / "onnx" / "model.onnx"
-    result = subprocess.run([str(c_program), str(model), str(tmp_path / "missing.so"), str(inputs), str(tmp_path / "o.bin")], capture_output=True, text=True)
+    command = [str(c_program), str(model), str(tmp_path / "missing.so"), str(inputs), str(tmp_path / "o.bin")]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1
     assert "RegisterCustomOpsLibrary_V2 failed" in result.stderr
