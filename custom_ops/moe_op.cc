@@ -17,10 +17,10 @@
 // act: "gelu" = 0.5 x (1 + erf(x / sqrt 2)); "gelu_tanh" = the tanh approximation; "silu" = x sigmoid(x).
 //
 // Dispatch: route every token, group (token, weight) pairs by expert with a counting sort, then per
-// expert with tokens: gather its rows into a contiguous block, run Gemm(block, w1[e], transB=1), the
-// activation and MatMul(., w2[e]) as ORT's own CPU kernels (MLAS, on the session's intra-op pool),
-// and scale + scatter-add the block back. Experts with no tokens cost nothing. The row loops run on
-// KernelContext::ParallelFor; scratch comes from the kernel context's allocator, once per call.
+// expert with tokens, in chunks of up to 256 rows: gather them transposed (x^T), h = act(w1[e] . x^T) and
+// y[token] += w * (h . w2[e]) with this file's register-tiled GEMM, which reads the weights in place (no
+// packed copy; see Tile). Experts with no tokens cost nothing. All loops run on the session's intra-op
+// pool (KernelContext::ParallelFor); scratch comes from the kernel context's allocator, twice per call.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -149,39 +149,183 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
-// ---- small blocks: ORT's MatMul packs the whole weight for every call, which at a few rows costs more
-// than the product; these stream each weight row once instead. Compiled for AVX-512, AVX2 and baseline,
-// picked at load time (ifunc), so the library runs on any x86-64. ----
+// ---- activations: branch-free, so that the loops over a tile vectorise (target_clones below) ----
 
-constexpr size_t kSmallRows = 16;  // blocks with at most this many rows take the streaming path
+// exp(x), Cephes expf: range reduction by ln 2 in two parts, degree-5 polynomial, ~1 ulp on [-87, 88]
+// (clamped there, so 2^n stays a normal float).
+inline float ExpApprox(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r -= n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
-// out[m, f] = sum_h x[m, h] w[f, h] for f in [f0, f1); x (M, H), w (F, H), out (M, F)
+// erf(x) as x P(x^2) / Q(x^2) on [-4, 4] (|erf| rounds to 1 outside), the rational approximation of
+// Eigen / XLA (ErfImpl32); max-abs error 4e-7 against math.erf (checked in numpy over [-6, 6]).
+inline float ErfApprox(float x) {
+  x = std::min(std::max(x, -4.0f), 4.0f);
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
 __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-void StreamGemmNT(const float* x, size_t M, const float* w, size_t H, size_t F, size_t f0, size_t f1, float* out) {
-  for (size_t f = f0; f < f1; ++f) {
-    const float* wr = w + f * H;
-    for (size_t m = 0; m < M; ++m) {
-      const float* xr = x + m * H;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (size_t h = 0; h < H; ++h) acc += xr[h] * wr[h];
-      out[m * F + f] = acc;
+void Activate(Activation act, float* v, size_t n) {
+  switch (act) {
+    case Activation::kGelu:
+#pragma omp simd
+      for (size_t i = 0; i < n; ++i) v[i] = 0.5f * v[i] * (1.0f + ErfApprox(v[i] * 0.70710678118654752f));
+      break;
+    case Activation::kGeluTanh:  // tanh(u) = 1 - 2 / (exp(2u) + 1)
+#pragma omp simd
+      for (size_t i = 0; i < n; ++i) {
+        const float u = 0.79788456080286536f * (v[i] + 0.044715f * v[i] * v[i] * v[i]);
+        v[i] = 0.5f * v[i] * (2.0f - 2.0f / (ExpApprox(2.0f * u) + 1.0f));
+      }
+      break;
+    case Activation::kSilu:
+#pragma omp simd
+      for (size_t i = 0; i < n; ++i) v[i] = v[i] / (1.0f + ExpApprox(-v[i]));
+      break;
+  }
+}
+
+// ---- the expert GEMMs: one register-tiled micro-kernel, no packing of the weights ----
+//
+// tile[i][j] = sum_k a[i * a_row + k * a_k] * b[k * ldb + j]   for i < rows <= kTileRows, j < cols <= kTileCols
+//
+// `a` is broadcast one element at a time and `b` is loaded as vectors, so either operand can be a weight
+// matrix read in place, in the checkpoint's [F, H] layout:
+//   fc1  h^T (F, M) = w1[e] (F, H) . x^T (H, M):  a = w1[e] rows (a_row = H, a_k = 1), b = x^T packed per call;
+//   fc2  y   (M, F) . w2[e] (F, H) -> (M, H):     a = h in 8-token panels (a_row = 1, a_k = 8), b = w2[e] rows.
+// MLAS instead packs its whole B operand per call: for a weight passed as a plain input that is a copy of
+// 9.4 MB per expert and call, as costly as the product itself at a few hundred tokens.
+// 8 x 48 keeps 24 of the 32 zmm registers as accumulators; per k it issues 8 broadcasts and 3 loads for
+// 24 FMAs, so the FMA ports, not the loads, set the pace.
+constexpr size_t kTileRows = 8;
+constexpr size_t kTileCols = 48;
+constexpr size_t kPrefetchRows = 8;
+constexpr size_t kChunkRows = 256;  // rows of one expert per pass: x^T (H, 256) fits L2
+
+inline size_t RoundUp(size_t n, size_t step) { return (n + step - 1) / step * step; }
+
+template <int R, int C>
+__attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const float* a, size_t a_row, size_t a_k,
+                                                                         const float* b, size_t ldb, size_t K,
+                                                                         __mmask16 last, float* tile) {
+  // Fully unrolled (the pragmas), so that GCC keeps acc in registers instead of on the stack.
+  __m512 acc[R][C];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 3
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (size_t k = 0; k < K; ++k, a += a_k, b += ldb) {
+    // w2's rows are 3 KB apart, a stride the hardware prefetchers do not follow.
+#pragma GCC unroll 3
+    for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16 * c), _MM_HINT_T0);
+    __m512 bv[C];
+#pragma GCC unroll 3
+    for (int c = 0; c < C; ++c) bv[c] = c + 1 < C ? _mm512_loadu_ps(b + 16 * c) : _mm512_maskz_loadu_ps(last, b + 16 * c);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * a_row]);
+#pragma GCC unroll 3
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(av, bv[c], acc[i][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 3
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(tile + i * kTileCols + 16 * c, acc[i][c]);
+}
+
+template <int R>
+__attribute__((target("avx512f"))) void TileAvx512Rows(const float* a, size_t a_row, size_t a_k, const float* b,
+                                                       size_t ldb, size_t K, size_t cols, float* tile) {
+  const __mmask16 last = static_cast<__mmask16>(0xFFFFu >> (15 - (cols - 1) % 16));
+  switch ((cols + 15) / 16) {
+    case 1: return TileAvx512<R, 1>(a, a_row, a_k, b, ldb, K, last, tile);
+    case 2: return TileAvx512<R, 2>(a, a_row, a_k, b, ldb, K, last, tile);
+    default: return TileAvx512<R, 3>(a, a_row, a_k, b, ldb, K, last, tile);
+  }
+}
+
+// Any CPU: the same product with the tile in memory; the compiler vectorises the j loop.
+__attribute__((target_clones("avx2,fma", "default")))
+void TilePortable(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, size_t K, size_t rows,
+                  size_t cols, float* tile) {
+  for (size_t i = 0; i < rows; ++i) std::fill(tile + i * kTileCols, tile + i * kTileCols + cols, 0.0f);
+  for (size_t k = 0; k < K; ++k, a += a_k, b += ldb) {
+    for (size_t i = 0; i < rows; ++i) {
+      const float av = a[i * a_row];
+      float* t = tile + i * kTileCols;
+#pragma omp simd
+      for (size_t j = 0; j < cols; ++j) t[j] += av * b[j];
     }
   }
 }
 
-// out[m, h] = sum_f a[m, f] w[f, h] for h in [h0, h1); a (M, F), w (F, H), out (M, H)
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+
+void Tile(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, size_t K, size_t rows, size_t cols,
+          float* tile) {
+  if (!kHasAvx512) return TilePortable(a, a_row, a_k, b, ldb, K, rows, cols, tile);
+  switch (rows) {
+    case 1: return TileAvx512Rows<1>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 2: return TileAvx512Rows<2>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 3: return TileAvx512Rows<3>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 4: return TileAvx512Rows<4>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 5: return TileAvx512Rows<5>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 6: return TileAvx512Rows<6>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 7: return TileAvx512Rows<7>(a, a_row, a_k, b, ldb, K, cols, tile);
+    default: return TileAvx512Rows<8>(a, a_row, a_k, b, ldb, K, cols, tile);
+  }
+}
+
+// y[token[i]][j] += gate[i] * tile[i][j]: fc2's epilogue, written straight into the output rows.
 __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-void StreamGemmNN(const float* a, size_t M, const float* w, size_t F, size_t H, size_t h0, size_t h1, float* out) {
-  for (size_t m = 0; m < M; ++m) std::fill(out + m * H + h0, out + m * H + h1, 0.0f);
-  for (size_t f = 0; f < F; ++f) {
-    const float* wr = w + f * H;
-    for (size_t m = 0; m < M; ++m) {
-      const float g = a[m * F + f];
-      float* o = out + m * H;
+void ScatterAddTile(const float* tile, size_t rows, size_t cols, const int32_t* token, const float* gate, float* y,
+                    size_t ldy) {
+  for (size_t i = 0; i < rows; ++i) {
+    float* dst = y + static_cast<size_t>(token[i]) * ldy;
+    const float* src = tile + i * kTileCols;
+    const float g = gate[i];
 #pragma omp simd
-      for (size_t h = h0; h < h1; ++h) o[h] += g * wr[h];
-    }
+    for (size_t j = 0; j < cols; ++j) dst[j] += g * src[j];
+  }
+}
+
+// Routing logits: out[e] = x . router[e], vectorised (the sum order differs from a plain loop).
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void RouterLogits(const float* x, const float* router, size_t E, size_t H, float* out) {
+  for (size_t e = 0; e < E; ++e) {
+    const float* r = router + e * H;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (size_t h = 0; h < H; ++h) acc += x[h] * r[h];
+    out[e] = acc;
   }
 }
 
@@ -284,13 +428,6 @@ std::string TypeName(ONNXTensorElementDataType type) {
   }
 }
 
-Ort::Value WrapFloat(float* data, std::initializer_list<int64_t> shape) {
-  static const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
-  size_t count = 1;
-  for (int64_t d : shape) count *= static_cast<size_t>(d);
-  return Ort::Value::CreateTensor<float>(cpu, data, count, shape.begin(), shape.size());
-}
-
 template <class T>
 struct MoEKernel {
   MoEKernel(const OrtKernelInfo* info) {
@@ -300,33 +437,6 @@ struct MoEKernel {
     normalize_ = attrs.normalize != 0;
     activation_ = ParseActivation(attrs.activation);
 
-    const char* type_names[] = {"T"};
-    const ONNXTensorElementDataType float_type[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    // An invoked kernel sees no schema defaults: every attribute it reads must be given.
-    const int64_t zero = 0, one = 1;
-    const float unit = 1.0f;
-    Ort::OpAttr gemm_attrs[] = {
-        Ort::OpAttr("transA", &zero, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-        Ort::OpAttr("transB", &one, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-        Ort::OpAttr("alpha", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
-        Ort::OpAttr("beta", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
-    };
-    gemm_w1_ = Ort::Op::Create(info, "Gemm", "", 13, type_names, float_type, 1, gemm_attrs, 4, 2, 1);
-    matmul_w2_ = Ort::Op::Create(info, "MatMul", "", 13, type_names, float_type, 1, nullptr, 0, 2, 1);
-    switch (activation_) {
-      case Activation::kGelu:  // MLAS erf: exact GELU, as the checkpoint's activation_function "gelu"
-        act_ = Ort::Op::Create(info, "Gelu", "com.microsoft", 1, type_names, float_type, 1, nullptr, 0, 1, 1);
-        break;
-      case Activation::kGeluTanh:
-        act_ = Ort::Op::Create(info, "FastGelu", "com.microsoft", 1, type_names, float_type, 1, nullptr, 0, 1, 1);
-        break;
-      case Activation::kSilu: {  // QuickGelu(alpha=1) is x * sigmoid(x)
-        const float alpha = 1.0f;
-        Ort::OpAttr a("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT);
-        act_ = Ort::Op::Create(info, "QuickGelu", "com.microsoft", 1, type_names, float_type, 1, &a, 1, 1, 1);
-        break;
-      }
-    }
   }
 
   // Element types and the shapes the graph declares, checked while the session is created: ORT ignores
@@ -435,14 +545,9 @@ struct MoEKernel {
           xn = x + n * H;
         }
         float* pr = probs + n * E;
+        RouterLogits(xn, router_f, E, H, pr);
         float max_logit = -INFINITY;
-        for (size_t e = 0; e < E; ++e) {
-          const float* r = router_f + e * H;
-          float acc = 0.0f;
-          for (size_t h = 0; h < H; ++h) acc += xn[h] * r[h];
-          pr[e] = acc;
-          max_logit = std::max(max_logit, acc);
-        }
+        for (size_t e = 0; e < E; ++e) max_logit = std::max(max_logit, pr[e]);
         float total = 0.0f;
         for (size_t e = 0; e < E; ++e) total += (pr[e] = std::exp(pr[e] - max_logit));
         for (size_t e = 0; e < E; ++e) pr[e] /= total;
@@ -482,15 +587,14 @@ struct MoEKernel {
     size_t max_rows = 0;
     for (size_t e = 0; e < E; ++e) max_rows = std::max(max_rows, offset[e + 1] - offset[e]);
 
-    // ---- scratch, phase 2: x block (M, H), hidden (M, F) x2, y block (M, H); fp16 adds fp32 weights, y ----
-    const size_t block_floats = max_rows * H + 2 * max_rows * F + max_rows * H;
+    // ---- scratch, phase 2: per chunk of an expert's rows, x^T (H, Mp) and h in 8-token panels
+    // (Mp / 8, F, 8); fp16 adds one expert's weights in fp32 and an fp32 y ----
+    const size_t chunk_pad = RoundUp(std::min(max_rows, kChunkRows), kTileCols);
     const size_t half_floats = kHalf ? (2 * F * H + N * H) : 0;
-    Scratch scratch(allocator, (block_floats + half_floats) * sizeof(float));
-    float* x_block = static_cast<float*>(scratch.data);
-    float* hidden = x_block + max_rows * H;
-    float* activated = hidden + max_rows * F;
-    float* y_block = activated + max_rows * F;
-    float* w1_f = y_block + max_rows * H;
+    Scratch scratch(allocator, (chunk_pad * H + chunk_pad * F + half_floats) * sizeof(float));
+    float* xt = static_cast<float*>(scratch.data);
+    float* panels = xt + chunk_pad * H;
+    float* w1_f = panels + chunk_pad * F;
     float* w2_f = w1_f + (kHalf ? F * H : 0);
     float* y_acc = kHalf ? w2_f + F * H : reinterpret_cast<float*>(y_out);
 
@@ -505,11 +609,7 @@ struct MoEKernel {
     });
 
     for (size_t e = 0; e < E; ++e) {
-      const size_t begin = offset[e], M = offset[e + 1] - offset[e];
-      if (M == 0) continue;
-      const int32_t* tokens = rows_token + begin;
-      const float* weights = rows_weight + begin;
-      ParallelRows(ctx, M, H, [&](size_t r) { ToFloat(x + static_cast<size_t>(tokens[r]) * H, x_block + r * H, H); });
+      if (offset[e + 1] == offset[e]) continue;
       const float* w1_e;
       const float* w2_e;
       if constexpr (kHalf) {
@@ -526,47 +626,68 @@ struct MoEKernel {
         w1_e = w1 + e * F * H;
         w2_e = w2 + e * F * H;
       }
-      const int64_t m = static_cast<int64_t>(M), f = static_cast<int64_t>(F), h = static_cast<int64_t>(H);
-      // ORT's kernels only read their inputs; the casts drop const for the tensor wrappers.
-      Ort::Value x_v = WrapFloat(x_block, {m, h});
-      Ort::Value w1_v = WrapFloat(const_cast<float*>(w1_e), {f, h});
-      Ort::Value hidden_v = WrapFloat(hidden, {m, f});
-      Ort::Value act_v = WrapFloat(activated, {m, f});
-      Ort::Value w2_v = WrapFloat(const_cast<float*>(w2_e), {f, h});
-      Ort::Value y_v = WrapFloat(y_block, {m, h});
-      const bool small = M <= kSmallRows;
-      if (small) {
-        constexpr size_t kCols = 32;
-        ParallelFor(ctx, (F + kCols - 1) / kCols, [&](size_t c) {
-          StreamGemmNT(x_block, M, w1_e, H, F, c * kCols, std::min(F, (c + 1) * kCols), hidden);
+      // Chunks bound the scratch and keep x^T in L2; each chunk reads the expert's weights once.
+      for (size_t begin = offset[e]; begin < offset[e + 1]; begin += kChunkRows) {
+        const size_t M = std::min(kChunkRows, offset[e + 1] - begin);
+        const size_t Mp = RoundUp(M, 16);  // padded with zero tokens, so fc1 tiles need no masks
+        const int32_t* tokens = rows_token + begin;
+        const float* gates = rows_weight + begin;
+
+        // x^T in panels of 48 tokens, (Mp / 48, H, 48): the gathered rows, transposed, so that a fc1 tile
+        // reads its tokens as one contiguous stream
+        ParallelFor(ctx, (H + 63) / 64, [&](size_t c) {
+          const size_t h0 = c * 64, h1 = std::min(H, h0 + 64);
+          for (size_t m = 0; m < Mp; ++m) {
+            const T* xr = x + static_cast<size_t>(m < M ? tokens[m] : 0) * H;
+            float* dst = xt + (m / kTileCols) * H * kTileCols + m % kTileCols;
+            for (size_t h = h0; h < h1; ++h) dst[h * kTileCols] = m < M ? ScalarToFloat(xr[h]) : 0.0f;
+          }
         });
-      } else {
-        const OrtValue* in[] = {x_v, w1_v};
-        OrtValue* out[] = {hidden_v};
-        gemm_w1_.Invoke(context, in, 2, out, 1);  // (M, H) x (F, H)^T -> (M, F)
-      }
-      {
-        const OrtValue* in[] = {hidden_v};
-        OrtValue* out[] = {act_v};
-        act_.Invoke(context, in, 1, out, 1);
-      }
-      if (small) {
-        constexpr size_t kCols = 128;
-        ParallelFor(ctx, (H + kCols - 1) / kCols, [&](size_t c) {
-          StreamGemmNN(activated, M, w2_e, F, H, c * kCols, std::min(H, (c + 1) * kCols), y_block);
+
+        // fc1 + activation: panels[m / 8][f][m % 8] = act(x[m] . w1[e][f]). Each task owns rows of w1[e],
+        // which stay in L1 while the tokens sweep past, so w1[e] is read from memory once.
+        constexpr size_t kFc1TaskRows = 4 * kTileRows;
+        ParallelFor(ctx, (F + kFc1TaskRows - 1) / kFc1TaskRows, [&](size_t task) {
+          alignas(64) float tile[kTileRows * kTileCols];
+          const size_t f_end = std::min(F, (task + 1) * kFc1TaskRows);
+          for (size_t f0 = task * kFc1TaskRows; f0 < f_end; f0 += kTileRows) {
+            const size_t rows = std::min(kTileRows, f_end - f0);
+            for (size_t m0 = 0; m0 < Mp; m0 += kTileCols) {
+              const size_t cols = std::min(kTileCols, Mp - m0);
+              Tile(w1_e + f0 * H, H, 1, xt + (m0 / kTileCols) * H * kTileCols, kTileCols, H, rows, cols, tile);
+              for (size_t i = 0; i < rows; ++i) {
+                float* t = tile + i * kTileCols;
+                Activate(activation_, t, cols);
+                for (size_t j = 0; j < cols; j += 8) {
+                  std::memcpy(panels + (((m0 + j) / 8) * F + f0 + i) * 8, t + j, 8 * sizeof(float));
+                }
+              }
+            }
+          }
         });
-      } else {
-        const OrtValue* in[] = {act_v, w2_v};
-        OrtValue* out[] = {y_v};
-        matmul_w2_.Invoke(context, in, 2, out, 1);  // (M, F) x (F, H) -> (M, H)
+
+        // fc2: y[token] += gate * (h . w2[e]). Each task owns a column range of w2[e] (so of y: no two
+        // tasks write the same element) and walks F in blocks that stay in L2 while the token panels
+        // pass; the partial sums go straight into y.
+        constexpr size_t kFc2TaskCols = 2 * kTileCols;
+        constexpr size_t kFc2Depth = 512;
+        ParallelFor(ctx, (H + kFc2TaskCols - 1) / kFc2TaskCols, [&](size_t task) {
+          alignas(64) float tile[kTileRows * kTileCols];
+          const size_t h_begin = task * kFc2TaskCols, h_end = std::min(H, h_begin + kFc2TaskCols);
+          for (size_t k0 = 0; k0 < F; k0 += kFc2Depth) {
+            const size_t depth = std::min(kFc2Depth, F - k0);
+            for (size_t m0 = 0; m0 < M; m0 += kTileRows) {
+              const size_t rows = std::min(kTileRows, M - m0);
+              const float* panel = panels + ((m0 / 8) * F + k0) * 8;
+              for (size_t h0 = h_begin; h0 < h_end; h0 += kTileCols) {
+                const size_t cols = std::min(kTileCols, h_end - h0);
+                Tile(panel, 1, 8, w2_e + k0 * H + h0, H, depth, rows, cols, tile);
+                ScatterAddTile(tile, rows, cols, tokens + m0, gates + m0, y_acc + h0, H);
+              }
+            }
+          }
+        });
       }
-      // Each token appears at most once per expert, so the rows of one expert never collide.
-      ParallelRows(ctx, M, H, [&](size_t r) {
-        float* dst = y_acc + static_cast<size_t>(tokens[r]) * H;
-        const float* src = y_block + r * H;
-        const float g = weights[r];
-        for (size_t i = 0; i < H; ++i) dst[i] += g * src[i];
-      });
     }
     if constexpr (kHalf) {
       ParallelRows(ctx, N, H, [&](size_t n) { FromFloat(y_acc + n * H, y_out + n * H, H); });
@@ -576,9 +697,6 @@ struct MoEKernel {
   int64_t top_k_;
   bool normalize_;
   Activation activation_;
-  Ort::Op gemm_w1_{nullptr};
-  Ort::Op matmul_w2_{nullptr};
-  Ort::Op act_{nullptr};
 };
 
 // Registered once per element type: ORT does not cast fp16 inputs for a custom op (SPEC.md section 4).
