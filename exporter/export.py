@@ -113,6 +113,7 @@ def export(
         moe_path = tmp / variant_onnx_path("moe")
         log.info("export: moe (torch.onnx dynamo, opset %d)", opset)
         graphs.export_moe_graph(reference, moe_path, opset=opset)
+        del reference  # verification reloads it (memory-mapped) once the graphs are written
         gc.collect()
         for variant in variants:
             if variant != "moe":
@@ -129,7 +130,7 @@ def export(
 
         log.info("verify: %s", ", ".join(variants))
         try:
-            results = verify(tmp, reference, gates=gates, variants=list(variants))
+            results = verify(tmp, source, gates=gates, variants=list(variants))
         except VerificationError as err:
             raise VerificationError(f"export of {model} failed verification; nothing was written.\n{err}", err.results)
         print_table(results)
@@ -256,9 +257,8 @@ def verify_export(out: str | Path, reference: str | None = None, gates: Gates = 
     else:
         revision = None
     path = resolve_checkpoint(reference, revision=None if Path(reference).is_dir() else revision)
-    model = load_model(path)
     try:
-        results = verify(out, model, gates=gates)
+        results = verify(out, path, gates=gates)
         failed = None
     except VerificationError as err:
         results, failed = err.results, err

@@ -98,6 +98,8 @@ def export_moe_graph(model: NomicMoEModel, path: Path, opset: int = DEFAULT_OPSE
     ids = torch.tensor([[0, 10, 11, 12, 13, 14, 15, 16, 2], [0, 20, 21, 22, 2, 1, 1, 1, 1]])
     mask = (ids != 1).long()
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=MAX_SEQUENCE)
+    # torch.onnx logs warnings about optional torchvision ops at registration; they are not about this model.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad():
         program = torch.onnx.export(
             EmbeddingGraph(model).eval(),

@@ -10,6 +10,7 @@ as one error (optimum's export validation does the same); a tolerance failure is
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from nomic_export.errors import UserError, VerificationError
 from nomic_export.exporter.gates import Gates
+from nomic_export.exporter.checkpoint import load_model
 from nomic_export.exporter.model import NomicMoEModel, pool
 from nomic_export.layout import MAX_TOKENS, OUTPUT_NAMES, VARIANTS, platform_tag, variant_onnx_path
 
@@ -96,16 +98,21 @@ def _routing(x: np.ndarray, router_weight: np.ndarray, top_k: int) -> np.ndarray
 
 @dataclasses.dataclass
 class Reference:
+    """The reference's outputs on the probe batches, and what is needed to route ONNX hidden states alike."""
+
     hidden: list[np.ndarray]  # per batch (B, S, H)
     embeddings: list[np.ndarray]  # per batch (B, H)
     routes: list[list[np.ndarray]]  # per batch, per MoE layer: (B*S, k)
+    routers: list[np.ndarray]  # per MoE layer: (E, H)
+    top_k: int
 
 
 def run_reference(model: NomicMoEModel, batches) -> Reference:
     moe_layers = [block.mlp for block in model.encoder.layers if hasattr(block.mlp, "router")]
     captured: list[np.ndarray] = []
     hooks = [m.register_forward_pre_hook(lambda _, args: captured.append(args[0].numpy())) for m in moe_layers]
-    ref = Reference([], [], [])
+    routers = [m.router.layer.weight.numpy().copy() for m in moe_layers]
+    ref = Reference([], [], [], routers, model.config.top_k)
     try:
         with torch.no_grad():
             for ids, mask in batches:
@@ -114,12 +121,7 @@ def run_reference(model: NomicMoEModel, batches) -> Reference:
                 h = model(ids_t, mask_t)
                 ref.hidden.append(h.numpy())
                 ref.embeddings.append(pool(h, mask_t).numpy())
-                ref.routes.append(
-                    [
-                        _routing(x, m.router.layer.weight.numpy(), model.config.top_k)
-                        for x, m in zip(captured, moe_layers)
-                    ]
-                )
+                ref.routes.append([_routing(x, r, ref.top_k) for x, r in zip(captured, routers)])
     finally:
         for hook in hooks:
             hook.remove()
@@ -150,13 +152,17 @@ def open_session(out: Path, variant: str, extra_outputs: bool = False, threads: 
     return session, names
 
 
-def verify_variant(out: Path, variant: str, model: NomicMoEModel, batches, ref: Reference) -> dict:
+def verify_variant(out: Path, variant: str, batches, ref: Reference) -> dict:
     """Run one variant on the probe batches and compare with the reference."""
-    session, moe_inputs = open_session(out, variant, extra_outputs=True)
-    routers = [b.mlp.router.layer.weight.numpy() for b in model.encoder.layers if hasattr(b.mlp, "router")]
+    session, _ = open_session(out, variant, extra_outputs=True)
     min_cos, max_err, agree, tokens = 1.0, 0.0, 0, 0
     scale = max(float(np.abs(h[m.astype(bool)]).max()) for h, (_, m) in zip(ref.hidden, batches))
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=len(batches), desc=f"verify {variant}", unit="batch", leave=False,
+                    disable=not log.isEnabledFor(logging.INFO))
     for (ids, mask), h_ref, e_ref, routes_ref in zip(batches, ref.hidden, ref.embeddings, ref.routes):
+        progress.update()
         outputs = session.run(None, {"input_ids": ids, "attention_mask": mask})
         h, e = outputs[0], outputs[1]
         real = mask.astype(bool)
@@ -164,10 +170,11 @@ def verify_variant(out: Path, variant: str, model: NomicMoEModel, batches, ref: 
         min_cos = min(min_cos, float(cos.min()))
         max_err = max(max_err, float(np.abs(h - h_ref)[real].max()))
         same = np.ones(real.size, dtype=bool)
-        for x, router, r_ref in zip(outputs[2:], routers, routes_ref):
-            same &= (_routing(x, router, model.config.top_k) == r_ref).all(axis=-1)
+        for x, router, r_ref in zip(outputs[2:], ref.routers, routes_ref):
+            same &= (_routing(x, router, ref.top_k) == r_ref).all(axis=-1)
         agree += int(same[real.reshape(-1)].sum())
         tokens += int(real.sum())
+    progress.close()
     return {
         "min_cosine": min_cos,
         "max_abs_error": max_err,
@@ -206,12 +213,15 @@ def variants_in(out: Path) -> list[str]:
     return [v for v in VARIANTS if (out / variant_onnx_path(v)).is_file()]
 
 
-def verify(out: str | Path, model: NomicMoEModel, gates: Gates = Gates(), variants: list[str] | None = None) -> dict:
-    """Verify the variants of an export directory against ``model``; returns per-variant figures.
+def verify(out: str | Path, checkpoint: Path, gates: Gates = Gates(), variants: list[str] | None = None) -> dict:
+    """Verify the variants of an export directory against the PyTorch reference; returns per-variant figures.
+
+    The reference runs first and is released before any ONNX Runtime session opens, so the two models are
+    never in memory together (peak RSS stays near one model's size plus one session's).
 
     Args:
         out: an export directory (or the temporary one an export is writing).
-        model: the PyTorch reference, loaded from the same checkpoint.
+        checkpoint: the checkpoint directory the export was made from.
         gates: the pass marks.
         variants: which to check; default every variant present.
     Returns:
@@ -219,7 +229,7 @@ def verify(out: str | Path, model: NomicMoEModel, gates: Gates = Gates(), varian
     Raises:
         VerificationError: after checking every variant, if any missed a gate.
     Example:
-        >>> verify("out", load_model(resolve_checkpoint("nomic-ai/nomic-embed-text-v2-moe")))
+        >>> verify("out", resolve_checkpoint("nomic-ai/nomic-embed-text-v2-moe"))
     """
     out = Path(out)
     variants = variants or variants_in(out)
@@ -227,11 +237,13 @@ def verify(out: str | Path, model: NomicMoEModel, gates: Gates = Gates(), varian
         raise UserError(f"{out}: no exported variant found under onnx/; is this an export directory?")
     batches = probe_batches(out / "tokenizer.json")
     log.info("verify: reference model on %d probe texts", len(PROBE_TEXTS))
-    ref = run_reference(model, batches)
+    ref = run_reference(load_model(checkpoint), batches)
+    gc.collect()
     results, failures = {}, []
     for variant in variants:
         log.info("verify: %s", variant)
-        figures = verify_variant(out, variant, model, batches, ref)
+        figures = verify_variant(out, variant, batches, ref)
+        gc.collect()  # this variant's session, before the next one opens
         figures["failures"] = check_gates(variant, figures, gates)
         figures["passed"] = not figures["failures"]
         failures += figures["failures"]
