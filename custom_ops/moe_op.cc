@@ -227,7 +227,16 @@ void Activate(Activation act, float* v, size_t n) {
 constexpr size_t kTileRows = 8;
 constexpr size_t kTileCols = 48;
 constexpr size_t kPrefetchRows = 8;
-constexpr size_t kChunkRows = 256;  // rows of one expert per pass: x^T (H, 256) fits L2
+constexpr size_t kChunkRows = 5 * kTileCols;  // rows of one expert per chunk: its x^T (H, 240) fits L2
+constexpr size_t kWaveTokens = 1024;           // tokens per wave: bounds the scratch (~40 MB at full dims)
+constexpr size_t kFc1TaskRows = 4 * kTileRows;  // rows of w1[e] per fc1 task
+constexpr size_t kFc2TaskCols = 2 * kTileCols;  // columns of w2[e] per fc2 task
+constexpr size_t kFc2Depth = 512;               // rows of w2[e] per fc2 block: 96 columns x 512 = 192 KB
+
+// One expert's rows [begin, begin + rows) of a wave, at padded token offset `pad` in the scratch panels.
+struct Chunk {
+  size_t e, begin, rows, pad;
+};
 
 inline size_t RoundUp(size_t n, size_t step) { return (n + step - 1) / step * step; }
 
@@ -304,17 +313,109 @@ void Tile(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, 
   }
 }
 
-// y[token[i]][j] += gate[i] * tile[i][j]: fc2's epilogue, written straight into the output rows.
-__attribute__((target_clones("avx512f", "avx2,fma", "default")))
-void ScatterAddTile(const float* tile, size_t rows, size_t cols, const int32_t* token, const float* gate, float* y,
-                    size_t ldy) {
-  for (size_t i = 0; i < rows; ++i) {
-    float* dst = y + static_cast<size_t>(token[i]) * ldy;
-    const float* src = tile + i * kTileCols;
-    const float g = gate[i];
-#pragma omp simd
-    for (size_t j = 0; j < cols; ++j) dst[j] += g * src[j];
+// ---- fc1 for a few tokens: dot products along H ----
+//
+// tile[i][j] = a[i * H + :] . x[j * H + :]   for i < rows <= kTileRows, j < cols <= kDotCols
+//
+// With a handful of tokens the broadcast tile above spends one load per 16 lanes of which few are
+// tokens; here each 64-byte load of a weight row serves every token, so fc1 streams w1[e] at memory speed.
+constexpr size_t kDotCols = 3;    // 8 x 3 accumulators + 3 token vectors + 1 weight vector
+constexpr size_t kDotRows = 16;   // chunks of at most this many rows take the dot-product path
+
+template <int R, int J>
+__attribute__((target("avx512f"), always_inline)) inline void DotTileAvx512(const float* a, const float* x, size_t H,
+                                                                            float* tile) {
+  __m512 acc[R][J];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < J; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (size_t h = 0; h < H; h += 16) {
+    const __mmask16 mask = H - h >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (H - h)) - 1);
+    __m512 xv[J];
+#pragma GCC unroll 3
+    for (int j = 0; j < J; ++j) xv[j] = _mm512_maskz_loadu_ps(mask, x + j * H + h);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, a + i * H + h);
+#pragma GCC unroll 3
+      for (int j = 0; j < J; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
   }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < J; ++j) tile[i * kTileCols + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int R>
+__attribute__((target("avx512f"))) void DotTileAvx512Rows(const float* a, const float* x, size_t H, size_t cols,
+                                                          float* tile) {
+  switch (cols) {
+    case 1: return DotTileAvx512<R, 1>(a, x, H, tile);
+    case 2: return DotTileAvx512<R, 2>(a, x, H, tile);
+    default: return DotTileAvx512<R, 3>(a, x, H, tile);
+  }
+}
+
+__attribute__((target_clones("avx2,fma", "default")))
+void DotTilePortable(const float* a, const float* x, size_t H, size_t rows, size_t cols, float* tile) {
+  for (size_t i = 0; i < rows; ++i) {
+    for (size_t j = 0; j < cols; ++j) {
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (size_t h = 0; h < H; ++h) acc += a[i * H + h] * x[j * H + h];
+      tile[i * kTileCols + j] = acc;
+    }
+  }
+}
+
+void DotTile(const float* a, const float* x, size_t H, size_t rows, size_t cols, float* tile) {
+  if (!kHasAvx512) return DotTilePortable(a, x, H, rows, cols, tile);
+  switch (rows) {
+    case 1: return DotTileAvx512Rows<1>(a, x, H, cols, tile);
+    case 2: return DotTileAvx512Rows<2>(a, x, H, cols, tile);
+    case 3: return DotTileAvx512Rows<3>(a, x, H, cols, tile);
+    case 4: return DotTileAvx512Rows<4>(a, x, H, cols, tile);
+    case 5: return DotTileAvx512Rows<5>(a, x, H, cols, tile);
+    case 6: return DotTileAvx512Rows<6>(a, x, H, cols, tile);
+    case 7: return DotTileAvx512Rows<7>(a, x, H, cols, tile);
+    default: return DotTileAvx512Rows<8>(a, x, H, cols, tile);
+  }
+}
+
+// y[i][j] = tile[i][j] (first) or y[i][j] += tile[i][j]: fc2's epilogue, one F block at a time.
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void AddTile(const float* tile, size_t rows, size_t cols, bool first, float* y, size_t ldy) {
+  for (size_t i = 0; i < rows; ++i) {
+    float* dst = y + i * ldy;
+    const float* src = tile + i * kTileCols;
+    if (first) {
+      std::memcpy(dst, src, cols * sizeof(float));
+    } else {
+#pragma omp simd
+      for (size_t j = 0; j < cols; ++j) dst[j] += src[j];
+    }
+  }
+}
+
+// y = a y + (b or 0)
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void ScaleAdd(float* y, size_t n, float a, const float* b) {
+  if (b == nullptr) {
+#pragma omp simd
+    for (size_t i = 0; i < n; ++i) y[i] *= a;
+  } else {
+#pragma omp simd
+    for (size_t i = 0; i < n; ++i) y[i] = a * y[i] + b[i];
+  }
+}
+
+// y += a x
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void Axpy(float a, const float* x, float* y, size_t n) {
+#pragma omp simd
+  for (size_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 // Routing logits: out[e] = x . router[e], vectorised (the sum order differs from a plain loop).
@@ -518,19 +619,21 @@ struct MoEKernel {
     OrtAllocator* allocator = ctx.GetAllocator(*cpu.GetConst());
     const size_t route_chunk = ChunkRows(N, E * H);
     const size_t route_chunks = (N + route_chunk - 1) / route_chunk;
-    Scratch route_scratch(allocator, (E * H + N * E + route_chunks * H) * sizeof(float) +
+    Scratch route_scratch(allocator, (E * H + H + N * E + route_chunks * H) * sizeof(float) +
                                          N * k * (2 * sizeof(int32_t) + 2 * sizeof(float)) +
                                          (2 * E + 2) * sizeof(size_t));
     size_t* offset = static_cast<size_t*>(route_scratch.data);         // (E + 1,)
     size_t* cursor = offset + E + 1;                                  // (E + 1,)
     float* router_f = reinterpret_cast<float*>(cursor + E + 1);       // (E, H)
-    float* probs = router_f + E * H;                                  // (N, E)
+    float* bias_f = router_f + E * H;                                 // (H,)
+    float* probs = bias_f + H;                                        // (N, E)
     float* x_rows = probs + N * E;                                    // (chunks, H): fp16 rows in fp32
     float* top_w = x_rows + route_chunks * H;                         // (N, k)
-    float* rows_weight = top_w + N * k;                               // (N k,) grouped by expert
-    int32_t* top_idx = reinterpret_cast<int32_t*>(rows_weight + N * k);  // (N, k)
-    int32_t* rows_token = top_idx + N * k;                            // (N k,) grouped by expert
+    int32_t* top_idx = reinterpret_cast<int32_t*>(top_w + N * k);     // (N, k)
+    int32_t* rows_token = top_idx + N * k;                            // (N k,) a wave's pairs by expert
+    int32_t* pair_row = rows_token + N * k;                           // (N, k) row of each pair in rows_token
     ToFloat(router, router_f, E * H);
+    if (bias != nullptr) ToFloat(bias, bias_f, H);
 
     // ---- routing, fp32: (N, E) logits -> softmax -> top-k (N, k) ----
     ParallelFor(ctx, route_chunks, [&](size_t c) {
@@ -572,125 +675,152 @@ struct MoEKernel {
       }
     });
 
-    // ---- group (token, weight) pairs by expert: counting sort ----
-    std::fill(offset, offset + E + 1, size_t{0});
-    for (size_t i = 0; i < N * k; ++i) ++offset[top_idx[i] + 1];
-    for (size_t e = 0; e < E; ++e) offset[e + 1] += offset[e];
-    std::copy(offset, offset + E + 1, cursor);
-    for (size_t n = 0; n < N; ++n) {
-      for (size_t j = 0; j < k; ++j) {
-        const size_t slot = cursor[top_idx[n * k + j]]++;
-        rows_token[slot] = static_cast<int32_t>(n);
-        rows_weight[slot] = top_w[n * k + j];
-      }
-    }
-    size_t max_rows = 0;
-    for (size_t e = 0; e < E; ++e) max_rows = std::max(max_rows, offset[e + 1] - offset[e]);
-
-    // ---- scratch, phase 2: per chunk of an expert's rows, x^T (H, Mp) and h in 8-token panels
-    // (Mp / 8, F, 8); fp16 adds one expert's weights in fp32 and an fp32 y ----
-    const size_t chunk_pad = RoundUp(std::min(max_rows, kChunkRows), kTileCols);
-    const size_t half_floats = kHalf ? (2 * F * H + N * H) : 0;
-    Scratch scratch(allocator, (chunk_pad * H + chunk_pad * F + half_floats) * sizeof(float));
-    float* xt = static_cast<float*>(scratch.data);
-    float* panels = xt + chunk_pad * H;
-    float* w1_f = panels + chunk_pad * F;
+    // ---- experts, in waves of tokens (bounds the scratch; each wave reads the used weights once) ----
+    const size_t wave_max = std::min(N, kWaveTokens);
+    // Chunks of up to kChunkRows rows of one expert, padded to whole 48-token panels.
+    const size_t pad_max = RoundUp(wave_max * k, kTileCols) + E * kTileCols;
+    const size_t half_floats = kHalf ? 2 * F * H : 0;
+    const size_t max_chunks = wave_max * k / kChunkRows + E;
+    Scratch scratch(allocator, max_chunks * sizeof(Chunk) +
+                                   (pad_max * (H + F) + wave_max * k * H + half_floats) * sizeof(float));
+    Chunk* chunks = static_cast<Chunk*>(scratch.data);
+    float* xt = reinterpret_cast<float*>(chunks + max_chunks);  // (pad, H) as 48-token panels (pad / 48, H, 48)
+    float* panels = xt + pad_max * H;              // (pad, F) as 8-token panels (pad / 8, F, 8), activated
+    float* y_rows = panels + pad_max * F;           // (wave k, H) each pair's expert output, unscaled
+    float* w1_f = y_rows + wave_max * k * H;        // fp16: one expert's weights in fp32
     float* w2_f = w1_f + (kHalf ? F * H : 0);
-    float* y_acc = kHalf ? w2_f + F * H : reinterpret_cast<float*>(y_out);
 
-    // y = bias (once per token) or 0
-    ParallelRows(ctx, N, H, [&](size_t n) {
-      float* yr = y_acc + n * H;
-      if (bias != nullptr) {
-        ToFloat(bias, yr, H);
-      } else {
-        std::fill(yr, yr + H, 0.0f);
+    for (size_t n0 = 0; n0 < N; n0 += wave_max) {
+      const size_t n1 = std::min(N, n0 + wave_max);
+      // group the wave's (token, expert) pairs by expert: counting sort
+      std::fill(offset, offset + E + 1, size_t{0});
+      for (size_t i = n0 * k; i < n1 * k; ++i) ++offset[top_idx[i] + 1];
+      for (size_t e = 0; e < E; ++e) offset[e + 1] += offset[e];
+      std::copy(offset, offset + E + 1, cursor);
+      for (size_t n = n0; n < n1; ++n) {
+        for (size_t j = 0; j < k; ++j) {
+          const size_t row = cursor[top_idx[n * k + j]]++;
+          rows_token[row] = static_cast<int32_t>(n);
+          pair_row[n * k + j] = static_cast<int32_t>(row);
+        }
       }
-    });
+      // fp32 runs all experts in one pass of each phase (few pool dispatches, balanced across experts);
+      // fp16 converts and runs one expert at a time, so its fp32 weight copy stays one expert's.
+      const size_t group = kHalf ? 1 : E;
+      for (size_t e0 = 0; e0 < E; e0 += group) {
+        const size_t e1 = std::min(E, e0 + group);
+        size_t num_chunks = 0, pad = 0;
+        for (size_t e = e0; e < e1; ++e) {
+          for (size_t begin = offset[e]; begin < offset[e + 1]; begin += kChunkRows) {
+            const size_t rows = std::min(kChunkRows, offset[e + 1] - begin);
+            chunks[num_chunks++] = Chunk{e, begin, rows, pad};
+            pad += RoundUp(rows, kTileCols);
+          }
+        }
+        if (num_chunks == 0) continue;
+        if constexpr (kHalf) {
+          ParallelRows(ctx, 2 * F, H, [&](size_t r) {
+            if (r < F) {
+              ToFloat(w1 + (e0 * F + r) * H, w1_f + r * H, H);
+            } else {
+              ToFloat(w2 + (e0 * F + r - F) * H, w2_f + (r - F) * H, H);
+            }
+          });
+        }
+        auto expert_w1 = [&](size_t e) -> const float* { if constexpr (kHalf) return w1_f; else return w1 + e * F * H; };
+        auto expert_w2 = [&](size_t e) -> const float* { if constexpr (kHalf) return w2_f; else return w2 + e * F * H; };
 
-    for (size_t e = 0; e < E; ++e) {
-      if (offset[e + 1] == offset[e]) continue;
-      const float* w1_e;
-      const float* w2_e;
-      if constexpr (kHalf) {
-        ParallelRows(ctx, 2 * F, H, [&](size_t r) {
-          if (r < F) {
-            ToFloat(w1 + (e * F + r) * H, w1_f + r * H, H);
-          } else {
-            ToFloat(w2 + (e * F + r - F) * H, w2_f + (r - F) * H, H);
+        // x^T: each chunk's rows gathered and transposed into 48-token panels (H, 48), zero-padded, so a
+        // fc1 tile reads its tokens as one contiguous stream
+        ParallelFor(ctx, pad / kTileCols, [&](size_t p) {
+          const size_t m0 = p * kTileCols;
+          const Chunk* c = std::upper_bound(chunks, chunks + num_chunks, m0,
+                                            [](size_t m, const Chunk& ch) { return m < ch.pad; }) - 1;
+          float* dst = xt + m0 * H;
+          if (c->rows <= kDotRows) {  // a small chunk: one panel, its rows kept as rows for DotTile
+            for (size_t r = 0; r < c->rows; ++r) ToFloat(x + static_cast<size_t>(rows_token[c->begin + r]) * H, dst + r * H, H);
+            return;
+          }
+          for (size_t m = 0; m < kTileCols; ++m) {
+            const size_t r = m0 + m - c->pad;
+            if (r >= c->rows) {
+              for (size_t h = 0; h < H; ++h) dst[h * kTileCols + m] = 0.0f;
+              continue;
+            }
+            const T* xr = x + static_cast<size_t>(rows_token[c->begin + r]) * H;
+            for (size_t h = 0; h < H; ++h) dst[h * kTileCols + m] = ScalarToFloat(xr[h]);
           }
         });
-        w1_e = w1_f;
-        w2_e = w2_f;
-      } else {
-        w1_e = w1 + e * F * H;
-        w2_e = w2 + e * F * H;
-      }
-      // Chunks bound the scratch and keep x^T in L2; each chunk reads the expert's weights once.
-      for (size_t begin = offset[e]; begin < offset[e + 1]; begin += kChunkRows) {
-        const size_t M = std::min(kChunkRows, offset[e + 1] - begin);
-        const size_t Mp = RoundUp(M, 16);  // padded with zero tokens, so fc1 tiles need no masks
-        const int32_t* tokens = rows_token + begin;
-        const float* gates = rows_weight + begin;
 
-        // x^T in panels of 48 tokens, (Mp / 48, H, 48): the gathered rows, transposed, so that a fc1 tile
-        // reads its tokens as one contiguous stream
-        ParallelFor(ctx, (H + 63) / 64, [&](size_t c) {
-          const size_t h0 = c * 64, h1 = std::min(H, h0 + 64);
-          for (size_t m = 0; m < Mp; ++m) {
-            const T* xr = x + static_cast<size_t>(m < M ? tokens[m] : 0) * H;
-            float* dst = xt + (m / kTileCols) * H * kTileCols + m % kTileCols;
-            for (size_t h = h0; h < h1; ++h) dst[h * kTileCols] = m < M ? ScalarToFloat(xr[h]) : 0.0f;
-          }
-        });
-
-        // fc1 + activation: panels[m / 8][f][m % 8] = act(x[m] . w1[e][f]). Each task owns rows of w1[e],
-        // which stay in L1 while the tokens sweep past, so w1[e] is read from memory once.
-        constexpr size_t kFc1TaskRows = 4 * kTileRows;
-        ParallelFor(ctx, (F + kFc1TaskRows - 1) / kFc1TaskRows, [&](size_t task) {
+        // fc1 + activation: panels[m / 8][f][m % 8] = act(x[m] . w1[e][f]). A task owns kFc1TaskRows rows
+        // of w1[e] for one chunk; they stay in L1 while the chunk's tokens sweep past, and the chunk's x^T
+        // (H, <= 256) stays in L2, so w1[e] is read from memory once per chunk.
+        const size_t fc1_groups = (F + kFc1TaskRows - 1) / kFc1TaskRows;
+        ParallelFor(ctx, num_chunks * fc1_groups, [&](size_t task) {
+          const Chunk& c = chunks[task / fc1_groups];
+          const float* w1_e = expert_w1(c.e);
+          const size_t mp = RoundUp(c.rows, kTileCols);
+          const size_t f_begin = task % fc1_groups * kFc1TaskRows, f_end = std::min(F, f_begin + kFc1TaskRows);
           alignas(64) float tile[kTileRows * kTileCols];
-          const size_t f_end = std::min(F, (task + 1) * kFc1TaskRows);
-          for (size_t f0 = task * kFc1TaskRows; f0 < f_end; f0 += kTileRows) {
+          for (size_t f0 = f_begin; f0 < f_end; f0 += kTileRows) {
             const size_t rows = std::min(kTileRows, f_end - f0);
-            for (size_t m0 = 0; m0 < Mp; m0 += kTileCols) {
-              const size_t cols = std::min(kTileCols, Mp - m0);
-              Tile(w1_e + f0 * H, H, 1, xt + (m0 / kTileCols) * H * kTileCols, kTileCols, H, rows, cols, tile);
+            for (size_t m0 = 0; c.rows <= kDotRows && m0 < c.rows; m0 += kDotCols) {
+              const size_t cols = std::min(kDotCols, c.rows - m0);
+              DotTile(w1_e + f0 * H, xt + (c.pad + m0) * H, H, rows, cols, tile);
+              for (size_t i = 0; i < rows; ++i) {
+                Activate(activation_, tile + i * kTileCols, cols);
+                for (size_t j = 0; j < cols; ++j) {
+                  const size_t m = c.pad + m0 + j;
+                  panels[(m / 8 * F + f0 + i) * 8 + m % 8] = tile[i * kTileCols + j];
+                }
+              }
+            }
+            for (size_t m0 = c.pad; c.rows > kDotRows && m0 < c.pad + mp; m0 += kTileCols) {
+              // whole vectors of tokens: the zero padding beyond c.rows is computed, not the empty vectors
+              const size_t cols = std::min(kTileCols, RoundUp(c.pad + c.rows - m0, 16));
+              Tile(w1_e + f0 * H, H, 1, xt + m0 * H, kTileCols, H, rows, cols, tile);
               for (size_t i = 0; i < rows; ++i) {
                 float* t = tile + i * kTileCols;
                 Activate(activation_, t, cols);
                 for (size_t j = 0; j < cols; j += 8) {
-                  std::memcpy(panels + (((m0 + j) / 8) * F + f0 + i) * 8, t + j, 8 * sizeof(float));
+                  std::memcpy(panels + ((m0 + j) * F + (f0 + i) * 8), t + j, 8 * sizeof(float));
                 }
               }
             }
           }
         });
 
-        // fc2: y[token] += gate * (h . w2[e]). Each task owns a column range of w2[e] (so of y: no two
-        // tasks write the same element) and walks F in blocks that stay in L2 while the token panels
-        // pass; the partial sums go straight into y.
-        constexpr size_t kFc2TaskCols = 2 * kTileCols;
-        constexpr size_t kFc2Depth = 512;
-        ParallelFor(ctx, (H + kFc2TaskCols - 1) / kFc2TaskCols, [&](size_t task) {
+        // fc2: y_rows[row] = h[row] . w2[e]. A task owns kFc2TaskCols columns of w2[e] for one chunk and
+        // walks F in blocks of kFc2Depth rows, which stay in L2 while the token panels pass.
+        const size_t fc2_groups = (H + kFc2TaskCols - 1) / kFc2TaskCols;
+        ParallelFor(ctx, num_chunks * fc2_groups, [&](size_t task) {
+          const Chunk& c = chunks[task / fc2_groups];
+          const float* w2_e = expert_w2(c.e);
+          const size_t h_begin = task % fc2_groups * kFc2TaskCols, h_end = std::min(H, h_begin + kFc2TaskCols);
           alignas(64) float tile[kTileRows * kTileCols];
-          const size_t h_begin = task * kFc2TaskCols, h_end = std::min(H, h_begin + kFc2TaskCols);
           for (size_t k0 = 0; k0 < F; k0 += kFc2Depth) {
             const size_t depth = std::min(kFc2Depth, F - k0);
-            for (size_t m0 = 0; m0 < M; m0 += kTileRows) {
-              const size_t rows = std::min(kTileRows, M - m0);
-              const float* panel = panels + ((m0 / 8) * F + k0) * 8;
+            for (size_t m0 = 0; m0 < c.rows; m0 += kTileRows) {
+              const size_t rows = std::min(kTileRows, c.rows - m0);
+              const float* panel = panels + (c.pad + m0) * F + k0 * 8;
               for (size_t h0 = h_begin; h0 < h_end; h0 += kTileCols) {
                 const size_t cols = std::min(kTileCols, h_end - h0);
                 Tile(panel, 1, 8, w2_e + k0 * H + h0, H, depth, rows, cols, tile);
-                ScatterAddTile(tile, rows, cols, tokens + m0, gates + m0, y_acc + h0, H);
+                AddTile(tile, rows, cols, k0 == 0, y_rows + (c.begin + m0) * H + h0, H);
               }
             }
           }
         });
       }
-    }
-    if constexpr (kHalf) {
-      ParallelRows(ctx, N, H, [&](size_t n) { FromFloat(y_acc + n * H, y_out + n * H, H); });
+
+      // y[n] = bias + sum_j w[n, j] y_rows[row of (n, j)]
+      ParallelRows(ctx, n1 - n0, k * H, [&](size_t i) {
+        const size_t n = n0 + i;
+        float* acc = y_rows + static_cast<size_t>(pair_row[n * k]) * H;  // reused in place: the pair is done
+        ScaleAdd(acc, H, top_w[n * k], bias != nullptr ? bias_f : nullptr);
+        for (size_t j = 1; j < k; ++j) Axpy(top_w[n * k + j], y_rows + static_cast<size_t>(pair_row[n * k + j]) * H, acc, H);
+        FromFloat(acc, y_out + n * H, H);
+      });
     }
   }
 
