@@ -243,17 +243,24 @@ inline size_t RoundUp(size_t n, size_t step) { return (n + step - 1) / step * st
 template <int R, int C>
 __attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const float* a, size_t a_row, size_t a_k,
                                                                          const float* b, size_t ldb, size_t K,
-                                                                         __mmask16 last, float* tile) {
+                                                                         __mmask16 last, float* out, size_t ldo,
+                                                                         bool accumulate) {
   // Fully unrolled (the pragmas), so that GCC keeps acc in registers instead of on the stack.
   __m512 acc[R][C];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 3
-    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) {
+      acc[i][c] = accumulate ? _mm512_maskz_loadu_ps(c + 1 < C ? __mmask16(0xFFFF) : last, out + i * ldo + 16 * c)
+                             : _mm512_setzero_ps();
+    }
+  // w2's rows are 3 KB apart, a stride the hardware prefetchers do not follow; x^T panels are contiguous.
+  const bool prefetch = ldb > kTileCols;
   for (size_t k = 0; k < K; ++k, a += a_k, b += ldb) {
-    // w2's rows are 3 KB apart, a stride the hardware prefetchers do not follow.
 #pragma GCC unroll 3
-    for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16 * c), _MM_HINT_T0);
+    for (int c = 0; c < C && prefetch; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16 * c), _MM_HINT_T0);
+    }
     __m512 bv[C];
 #pragma GCC unroll 3
     for (int c = 0; c < C; ++c) bv[c] = c + 1 < C ? _mm512_loadu_ps(b + 16 * c) : _mm512_maskz_loadu_ps(last, b + 16 * c);
@@ -267,29 +274,32 @@ __attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const f
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 3
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(tile + i * kTileCols + 16 * c, acc[i][c]);
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(out + i * ldo + 16 * c, c + 1 < C ? __mmask16(0xFFFF) : last, acc[i][c]);
 }
 
 template <int R>
 __attribute__((target("avx512f"))) void TileAvx512Rows(const float* a, size_t a_row, size_t a_k, const float* b,
-                                                       size_t ldb, size_t K, size_t cols, float* tile) {
+                                                       size_t ldb, size_t K, size_t cols, float* out, size_t ldo,
+                                                       bool accumulate) {
   const __mmask16 last = static_cast<__mmask16>(0xFFFFu >> (15 - (cols - 1) % 16));
   switch ((cols + 15) / 16) {
-    case 1: return TileAvx512<R, 1>(a, a_row, a_k, b, ldb, K, last, tile);
-    case 2: return TileAvx512<R, 2>(a, a_row, a_k, b, ldb, K, last, tile);
-    default: return TileAvx512<R, 3>(a, a_row, a_k, b, ldb, K, last, tile);
+    case 1: return TileAvx512<R, 1>(a, a_row, a_k, b, ldb, K, last, out, ldo, accumulate);
+    case 2: return TileAvx512<R, 2>(a, a_row, a_k, b, ldb, K, last, out, ldo, accumulate);
+    default: return TileAvx512<R, 3>(a, a_row, a_k, b, ldb, K, last, out, ldo, accumulate);
   }
 }
 
 // Any CPU: the same product with the tile in memory; the compiler vectorises the j loop.
 __attribute__((target_clones("avx2,fma", "default")))
 void TilePortable(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, size_t K, size_t rows,
-                  size_t cols, float* tile) {
-  for (size_t i = 0; i < rows; ++i) std::fill(tile + i * kTileCols, tile + i * kTileCols + cols, 0.0f);
+                  size_t cols, float* out, size_t ldo, bool accumulate) {
+  if (!accumulate) {
+    for (size_t i = 0; i < rows; ++i) std::fill(out + i * ldo, out + i * ldo + cols, 0.0f);
+  }
   for (size_t k = 0; k < K; ++k, a += a_k, b += ldb) {
     for (size_t i = 0; i < rows; ++i) {
       const float av = a[i * a_row];
-      float* t = tile + i * kTileCols;
+      float* t = out + i * ldo;
 #pragma omp simd
       for (size_t j = 0; j < cols; ++j) t[j] += av * b[j];
     }
@@ -298,18 +308,19 @@ void TilePortable(const float* a, size_t a_row, size_t a_k, const float* b, size
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 
+// out[i * ldo + j] (+)= tile[i][j]: accumulate adds the product to what out holds.
 void Tile(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, size_t K, size_t rows, size_t cols,
-          float* tile) {
-  if (!kHasAvx512) return TilePortable(a, a_row, a_k, b, ldb, K, rows, cols, tile);
+          float* out, size_t ldo, bool accumulate) {
+  if (!kHasAvx512) return TilePortable(a, a_row, a_k, b, ldb, K, rows, cols, out, ldo, accumulate);
   switch (rows) {
-    case 1: return TileAvx512Rows<1>(a, a_row, a_k, b, ldb, K, cols, tile);
-    case 2: return TileAvx512Rows<2>(a, a_row, a_k, b, ldb, K, cols, tile);
-    case 3: return TileAvx512Rows<3>(a, a_row, a_k, b, ldb, K, cols, tile);
-    case 4: return TileAvx512Rows<4>(a, a_row, a_k, b, ldb, K, cols, tile);
-    case 5: return TileAvx512Rows<5>(a, a_row, a_k, b, ldb, K, cols, tile);
-    case 6: return TileAvx512Rows<6>(a, a_row, a_k, b, ldb, K, cols, tile);
-    case 7: return TileAvx512Rows<7>(a, a_row, a_k, b, ldb, K, cols, tile);
-    default: return TileAvx512Rows<8>(a, a_row, a_k, b, ldb, K, cols, tile);
+    case 1: return TileAvx512Rows<1>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    case 2: return TileAvx512Rows<2>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    case 3: return TileAvx512Rows<3>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    case 4: return TileAvx512Rows<4>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    case 5: return TileAvx512Rows<5>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    case 6: return TileAvx512Rows<6>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    case 7: return TileAvx512Rows<7>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+    default: return TileAvx512Rows<8>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
   }
 }
 
@@ -321,6 +332,16 @@ void Tile(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, 
 // tokens; here each 64-byte load of a weight row serves every token, so fc1 streams w1[e] at memory speed.
 constexpr size_t kDotCols = 3;    // 8 x 3 accumulators + 3 token vectors + 1 weight vector
 constexpr size_t kDotRows = 16;   // chunks of at most this many rows take the dot-product path
+
+// Sum of the 16 lanes. The maskz forms: the plain ones (and _mm512_reduce_add_ps) start from
+// _mm512_undefined_*, which trips GCC 12's -Wmaybe-uninitialized inside its own header.
+__attribute__((target("avx512f"), always_inline)) inline float ReduceAdd(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xFFFF, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xFFFF, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(v);
+}
 
 template <int R, int J>
 __attribute__((target("avx512f"), always_inline)) inline void DotTileAvx512(const float* a, const float* x, size_t H,
@@ -345,7 +366,7 @@ __attribute__((target("avx512f"), always_inline)) inline void DotTileAvx512(cons
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 3
-    for (int j = 0; j < J; ++j) tile[i * kTileCols + j] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int j = 0; j < J; ++j) tile[i * kTileCols + j] = ReduceAdd(acc[i][j]);
 }
 
 template <int R>
@@ -381,21 +402,6 @@ void DotTile(const float* a, const float* x, size_t H, size_t rows, size_t cols,
     case 6: return DotTileAvx512Rows<6>(a, x, H, cols, tile);
     case 7: return DotTileAvx512Rows<7>(a, x, H, cols, tile);
     default: return DotTileAvx512Rows<8>(a, x, H, cols, tile);
-  }
-}
-
-// y[i][j] = tile[i][j] (first) or y[i][j] += tile[i][j]: fc2's epilogue, one F block at a time.
-__attribute__((target_clones("avx512f", "avx2,fma", "default")))
-void AddTile(const float* tile, size_t rows, size_t cols, bool first, float* y, size_t ldy) {
-  for (size_t i = 0; i < rows; ++i) {
-    float* dst = y + i * ldy;
-    const float* src = tile + i * kTileCols;
-    if (first) {
-      std::memcpy(dst, src, cols * sizeof(float));
-    } else {
-#pragma omp simd
-      for (size_t j = 0; j < cols; ++j) dst[j] += src[j];
-    }
   }
 }
 
@@ -678,9 +684,10 @@ struct MoEKernel {
     // ---- experts, in waves of tokens (bounds the scratch; each wave reads the used weights once) ----
     const size_t wave_max = std::min(N, kWaveTokens);
     // Chunks of up to kChunkRows rows of one expert, padded to whole 48-token panels.
-    const size_t pad_max = RoundUp(wave_max * k, kTileCols) + E * kTileCols;
+
     const size_t half_floats = kHalf ? 2 * F * H : 0;
     const size_t max_chunks = wave_max * k / kChunkRows + E;
+    const size_t pad_max = wave_max * k + max_chunks * kTileCols;  // each chunk pads to whole 48-token panels
     Scratch scratch(allocator, max_chunks * sizeof(Chunk) +
                                    (pad_max * (H + F) + wave_max * k * H + half_floats) * sizeof(float));
     Chunk* chunks = static_cast<Chunk*>(scratch.data);
@@ -711,10 +718,12 @@ struct MoEKernel {
         const size_t e1 = std::min(E, e0 + group);
         size_t num_chunks = 0, pad = 0;
         for (size_t e = e0; e < e1; ++e) {
-          for (size_t begin = offset[e]; begin < offset[e + 1]; begin += kChunkRows) {
-            const size_t rows = std::min(kChunkRows, offset[e + 1] - begin);
-            chunks[num_chunks++] = Chunk{e, begin, rows, pad};
-            pad += RoundUp(rows, kTileCols);
+          // equal chunks: 256 rows are 2 x 128, not 240 + a 16-row chunk that rereads the weights for little
+          const size_t count = offset[e + 1] - offset[e], parts = (count + kChunkRows - 1) / kChunkRows;
+          for (size_t part = 0; part < parts; ++part) {
+            const size_t begin = offset[e] + count * part / parts, end = offset[e] + count * (part + 1) / parts;
+            chunks[num_chunks++] = Chunk{e, begin, end - begin, pad};
+            pad += RoundUp(end - begin, kTileCols);
           }
         }
         if (num_chunks == 0) continue;
@@ -778,7 +787,7 @@ struct MoEKernel {
             for (size_t m0 = c.pad; c.rows > kDotRows && m0 < c.pad + mp; m0 += kTileCols) {
               // whole vectors of tokens: the zero padding beyond c.rows is computed, not the empty vectors
               const size_t cols = std::min(kTileCols, RoundUp(c.pad + c.rows - m0, 16));
-              Tile(w1_e + f0 * H, H, 1, xt + m0 * H, kTileCols, H, rows, cols, tile);
+              Tile(w1_e + f0 * H, H, 1, xt + m0 * H, kTileCols, H, rows, cols, tile, kTileCols, false);
               for (size_t i = 0; i < rows; ++i) {
                 float* t = tile + i * kTileCols;
                 Activate(activation_, t, cols);
@@ -797,7 +806,6 @@ struct MoEKernel {
           const Chunk& c = chunks[task / fc2_groups];
           const float* w2_e = expert_w2(c.e);
           const size_t h_begin = task % fc2_groups * kFc2TaskCols, h_end = std::min(H, h_begin + kFc2TaskCols);
-          alignas(64) float tile[kTileRows * kTileCols];
           for (size_t k0 = 0; k0 < F; k0 += kFc2Depth) {
             const size_t depth = std::min(kFc2Depth, F - k0);
             for (size_t m0 = 0; m0 < c.rows; m0 += kTileRows) {
@@ -805,8 +813,7 @@ struct MoEKernel {
               const float* panel = panels + (c.pad + m0) * F + k0 * 8;
               for (size_t h0 = h_begin; h0 < h_end; h0 += kTileCols) {
                 const size_t cols = std::min(kTileCols, h_end - h0);
-                Tile(panel, 1, 8, w2_e + k0 * H + h0, H, depth, rows, cols, tile);
-                AddTile(tile, rows, cols, k0 == 0, y_rows + (c.begin + m0) * H + h0, H);
+                Tile(panel, 1, 8, w2_e + k0 * H + h0, H, depth, rows, cols, y_rows + (c.begin + m0) * H + h0, H, k0 > 0);
               }
             }
           }
