@@ -16,11 +16,13 @@
 //
 // act: "gelu" = 0.5 x (1 + erf(x / sqrt 2)); "gelu_tanh" = the tanh approximation; "silu" = x sigmoid(x).
 //
-// Dispatch: route every token, group (token, weight) pairs by expert with a counting sort, then per
-// expert with tokens, in chunks of up to 256 rows: gather them transposed (x^T), h = act(w1[e] . x^T) and
-// y[token] += w * (h . w2[e]) with this file's register-tiled GEMM, which reads the weights in place (no
-// packed copy; see Tile). Experts with no tokens cost nothing. All loops run on the session's intra-op
-// pool (KernelContext::ParallelFor); scratch comes from the kernel context's allocator, twice per call.
+// Dispatch: route every token; then per wave of up to 1024 tokens, group the (token, expert) pairs by
+// expert with a counting sort, cut each expert's rows into chunks of at most 240, and run each phase as one
+// parallel loop over all chunks: gather x^T, h = act(w1[e] . x^T), y_e = h . w2[e] (one row per pair),
+// then Y[n] = bias + sum_j w[n, j] y_e[pair (n, j)]. The GEMMs are this file's register-tiled kernel, which
+// reads the weights in place, with no packed copy (see Tile). Experts with no tokens cost nothing. All
+// loops run on the session's intra-op pool (KernelContext::ParallelFor); scratch comes from the kernel
+// context's allocator, twice per call. custom_ops/README.md ("Kernel") says why each layout is as it is.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -218,7 +220,7 @@ void Activate(Activation act, float* v, size_t n) {
 //
 // `a` is broadcast one element at a time and `b` is loaded as vectors, so either operand can be a weight
 // matrix read in place, in the checkpoint's [F, H] layout:
-//   fc1  h^T (F, M) = w1[e] (F, H) . x^T (H, M):  a = w1[e] rows (a_row = H, a_k = 1), b = x^T packed per call;
+//   fc1  h^T (F, M) = w1[e] (F, H) . x^T (H, M):  a = w1[e] rows (a_row = H, a_k = 1), b = x^T in 48-token panels;
 //   fc2  y   (M, F) . w2[e] (F, H) -> (M, H):     a = h in 8-token panels (a_row = 1, a_k = 8), b = w2[e] rows.
 // MLAS instead packs its whole B operand per call: for a weight passed as a plain input that is a copy of
 // 9.4 MB per expert and call, as costly as the product itself at a few hundred tokens.
@@ -226,9 +228,9 @@ void Activate(Activation act, float* v, size_t n) {
 // 24 FMAs, so the FMA ports, not the loads, set the pace.
 constexpr size_t kTileRows = 8;
 constexpr size_t kTileCols = 48;
-constexpr size_t kPrefetchRows = 8;
+constexpr size_t kPrefetchRows = 24;  // ~24 x 12 cycles ahead: enough for L2 hits and most of a trip to L3
 constexpr size_t kChunkRows = 5 * kTileCols;  // rows of one expert per chunk: its x^T (H, 240) fits L2
-constexpr size_t kWaveTokens = 1024;           // tokens per wave: bounds the scratch (~40 MB at full dims)
+constexpr size_t kWaveTokens = 1024;           // tokens per wave: bounds the scratch (~50 MB at full dims)
 constexpr size_t kFc1TaskRows = 4 * kTileRows;  // rows of w1[e] per fc1 task
 constexpr size_t kFc2TaskCols = 2 * kTileCols;  // columns of w2[e] per fc2 task
 constexpr size_t kFc2Depth = 512;               // rows of w2[e] per fc2 block: 96 columns x 512 = 192 KB
@@ -683,8 +685,6 @@ struct MoEKernel {
 
     // ---- experts, in waves of tokens (bounds the scratch; each wave reads the used weights once) ----
     const size_t wave_max = std::min(N, kWaveTokens);
-    // Chunks of up to kChunkRows rows of one expert, padded to whole 48-token panels.
-
     const size_t half_floats = kHalf ? 2 * F * H : 0;
     const size_t max_chunks = wave_max * k / kChunkRows + E;
     const size_t pad_max = wave_max * k + max_chunks * kTileCols;  // each chunk pads to whole 48-token panels
