@@ -7,12 +7,13 @@ The layout is ``nomic_export/layout.py``.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -98,7 +99,7 @@ def export(
     log.info("resolve: %s%s", model, f" @ {revision}" if revision else "")
     source = resolve_checkpoint(model, revision=revision)
     log.info("load: %s", source)
-    reference = load_model(source)
+    load_model(source)  # every bad-checkpoint error, before any work; memory-mapped, so cheap
     library = None
     if "moe" in variants:
         from nomic_export import custom_ops
@@ -112,9 +113,7 @@ def export(
         (tmp / ONNX_DIR).mkdir()
         moe_path = tmp / variant_onnx_path("moe")
         log.info("export: moe (torch.onnx dynamo, opset %d)", opset)
-        graphs.export_moe_graph(reference, moe_path, opset=opset)
-        del reference  # verification reloads it (memory-mapped) once the graphs are written
-        gc.collect()
+        _export_moe_graph_in_subprocess(source, moe_path, opset)
         for variant in variants:
             if variant != "moe":
                 log.info("export: %s (derived from the moe graph)", variant)
@@ -147,6 +146,16 @@ def export(
 
         publish(out, push_to_hub, private=private, token=token)
     return report
+
+
+def _export_moe_graph_in_subprocess(source: Path, path: Path, opset: int) -> None:
+    """torch.onnx.export keeps the exported graph, and through it every weight, alive after it returns
+    (measured: +1.9 GB RSS at full size that no gc.collect() frees); a child process returns it all.
+    A plain ``python -c`` child, not multiprocessing's spawn, which would re-import the caller's script."""
+    code = "import sys; from nomic_export.exporter.graphs import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(path), str(opset)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"exporting the moe graph failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
 
 
 def print_table(results: dict) -> None:

@@ -120,6 +120,13 @@ def export_moe_graph(model: NomicMoEModel, path: Path, opset: int = DEFAULT_OPSE
     onnx_ir.save(program.model, path, external_data=path.name + "_data")
 
 
+def export_checkpoint(checkpoint: str, path: str, opset: int = DEFAULT_OPSET) -> None:
+    """Load a checkpoint directory and export its com.nomic::MoE graph (run in a child process by export())."""
+    from nomic_export.exporter.checkpoint import load_model
+
+    export_moe_graph(load_model(checkpoint), Path(path), opset=opset)
+
+
 # ------------------------------------------------------------------------------- derived variants
 
 

@@ -143,6 +143,9 @@ def open_session(out: Path, variant: str, extra_outputs: bool = False, threads: 
         options.register_custom_ops_library(str(library))
     if not extra_outputs:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), []
+    # Verification runs each graph once per probe batch: pre-packed weight copies (about the weights' size
+    # again for the dense variant) would cost memory, not time. The same MLAS kernels run either way.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     model = onnx.load(str(path), load_external_data=False)
     names = json.loads({p.key: p.value for p in model.metadata_props}[MOE_INPUTS_KEY])
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
