@@ -57,12 +57,17 @@ def layer_input(model, ids, mask, layer):
         return block.norm1(x + block.attn(x, mask_add))
 
 
-def test_trap1_top2_weights_are_not_renormalised(tiny_model, ref, batch):
-    x = layer_input(tiny_model, *batch, layer=1)
+def ffn_case(model, batch, layer):
+    """Block ``layer``'s FFN on its real input: (the model's output [T, H], the input as float64 numpy [T, H])."""
+    x = layer_input(model, *batch, layer=layer)
     x2 = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
-        got = tiny_model.encoder.layers[1].mlp(x).reshape(x2.shape)
-    xs = x2.double().numpy()
+        got = model.encoder.layers[layer].mlp(x).reshape(x2.shape)
+    return got, x2.double().numpy()
+
+
+def test_trap1_top2_weights_are_not_renormalised(tiny_model, ref, batch):
+    got, xs = ffn_case(tiny_model, batch, 1)
     check_trap(got, ref.moe(1, xs), ref.moe(1, xs, Traps(renormalise=True)))
 
 
@@ -78,30 +83,18 @@ def test_trap2_moe_layers_are_the_odd_ones(tiny_model, ref, batch):
 
 
 def test_trap3_w2_is_e_f_h(tiny_model, ref, batch):
-    x = layer_input(tiny_model, *batch, layer=3)
-    x2 = x.reshape(-1, x.shape[-1])
-    with torch.no_grad():
-        got = tiny_model.encoder.layers[3].mlp(x).reshape(x2.shape)
-    xs = x2.double().numpy()
+    got, xs = ffn_case(tiny_model, batch, 3)
     check_trap(got, ref.moe(3, xs), ref.moe(3, xs, Traps(w2_as_e_h_f=True)))
 
 
 def test_trap4_shared_bias_added_once_unscaled(tiny_model, ref, batch):
-    x = layer_input(tiny_model, *batch, layer=1)
-    x2 = x.reshape(-1, x.shape[-1])
-    with torch.no_grad():
-        got = tiny_model.encoder.layers[1].mlp(x).reshape(x2.shape)
-    xs = x2.double().numpy()
+    got, xs = ffn_case(tiny_model, batch, 1)
     check_trap(got, ref.moe(1, xs), ref.moe(1, xs, Traps(bias_per_expert=True)))
 
 
 def test_trap5_gelu_is_exact_erf_in_dense_and_experts(tiny_model, ref, batch):
     for layer in (0, 1):
-        x = layer_input(tiny_model, *batch, layer=layer)
-        x2 = x.reshape(-1, x.shape[-1])
-        with torch.no_grad():
-            got = tiny_model.encoder.layers[layer].mlp(x).reshape(x2.shape)
-        xs = x2.double().numpy()
+        got, xs = ffn_case(tiny_model, batch, layer)
         component = ref.moe if layer % 2 else (lambda i, a, traps=Traps(): ref.dense(i, a, traps))
         check_trap(got, component(layer, xs), component(layer, xs, Traps(tanh_gelu=True)))
 
