@@ -763,7 +763,7 @@ struct MoEKernel {
 
         // fc1 + activation: panels[m / 8][f][m % 8] = act(x[m] . w1[e][f]). A task owns kFc1TaskRows rows
         // of w1[e] for one chunk; they stay in L1 while the chunk's tokens sweep past, and the chunk's x^T
-        // (H, <= 256) stays in L2, so w1[e] is read from memory once per chunk.
+        // (H, <= 240) stays in L2, so w1[e] is read from memory once per chunk.
         const size_t fc1_groups = (F + kFc1TaskRows - 1) / kFc1TaskRows;
         ParallelFor(ctx, num_chunks * fc1_groups, [&](size_t task) {
           const Chunk& c = chunks[task / fc1_groups];
