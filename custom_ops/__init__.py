@@ -52,9 +52,9 @@ ENV_ORT_INCLUDE = "ORT_INCLUDE_DIR"  # a folder holding onnxruntime_cxx_api.h
 
 SOURCES = ("moe_op.cc",)
 _HEADER = "onnxruntime_cxx_api.h"
-# Portable code: no -march, so the library runs on any x86-64. The fp16 conversions pick F16C at run time,
-# the small-block GEMMs are target_clones (AVX-512 / AVX2 / baseline, chosen at load), the large ones are
-# ORT's own MLAS kernels. -fopenmp-simd only honours `omp simd` pragmas: no OpenMP runtime is linked.
+# Portable code: no -march, so the library runs on any x86-64. The fp16 conversions pick F16C at run time
+# and the GEMM micro-kernel picks AVX-512, AVX2+FMA or baseline at load (__builtin_cpu_supports).
+# -fopenmp-simd only honours `omp simd` pragmas: no OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-std=c++17", "-fopenmp-simd", "-fvisibility=hidden", "-Wall", "-Wextra")
 _ASAN_CFLAGS = ("-O1", "-g", "-std=c++17", "-fopenmp-simd", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wall")
 # cpp_extension links -lc10 -ltorch ... with no rpath; --as-needed drops them, so the library needs only
