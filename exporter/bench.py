@@ -169,32 +169,33 @@ def matmul_gflops(tokens: int, hidden: int, ffn: int, threads: int, reps: int = 
 
 
 def streaming_bandwidth(hidden: int, ffn: int, threads: int, total_bytes: int = 512 << 20) -> float:
-    """Bytes/s of ORT MatMul with 16 rows over distinct weights (each weight read once from memory)."""
+    """Bytes/s of a plain weight-streaming loop on ORT's thread pool: ReduceSum over distinct weight-sized
+    initializers (each read once from memory, nothing packed or written back)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     count = max(2, total_bytes // (hidden * ffn * 4))
     rng = np.random.default_rng(1)
-    inits, nodes = [], []
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")  # rows: contiguous per thread
+    inits, nodes = [axes], []
     for i in range(count):
-        inits.append(numpy_helper.from_array(rng.standard_normal((hidden, ffn), dtype=np.float32), f"w{i}"))
-        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
+        inits.append(numpy_helper.from_array(rng.standard_normal((ffn, hidden), dtype=np.float32), f"w{i}"))
+        nodes.append(helper.make_node("ReduceSum", [f"w{i}", "axes"], [f"y{i}"], keepdims=0))
     graph = helper.make_graph(
         nodes,
         "stream",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, hidden])],
-        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [16, ffn]) for i in range(count)],
+        [],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [ffn]) for i in range(count)],
         initializer=inits,
     )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the MatMuls apart
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no constant folding
     session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((16, hidden), dtype=np.float32)
     times = []
     for _ in range(4):
         start = time.perf_counter()
-        session.run(None, {"x": x})
+        session.run(None, {})
         times.append(time.perf_counter() - start)
     return count * hidden * ffn * 4 / statistics.median(times[1:])
 
