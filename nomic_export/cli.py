@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our own progress lines at INFO; other libraries' chatter (torch.onnx, onnxscript) only when it is an error.
     logging.basicConfig(level=logging.ERROR, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("nomic_export").setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
+    # -q hides progress (INFO); warnings stay, e.g. publishing an unverified export.
+    logging.getLogger("nomic_export").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     logging.getLogger("torch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", module="torch")
