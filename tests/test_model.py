@@ -57,6 +57,16 @@ def layer_input(model, ids, mask, layer):
         return block.norm1(x + block.attn(x, mask_add))
 
 
+def attention_case(model, batch):
+    """Block 0's attention on the embeddings: (the model's output, the input and mask as numpy)."""
+    ids, mask = batch
+    with torch.no_grad():
+        x = model.emb_ln(model.embeddings(ids))
+        mask_add = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        got = model.encoder.layers[0].attn(x, mask_add)
+    return got, x.double().numpy(), mask.numpy()
+
+
 def ffn_case(model, batch, layer):
     """Block ``layer``'s FFN on its real input: (the model's output [T, H], the input as float64 numpy [T, H])."""
     x = layer_input(model, *batch, layer=layer)
@@ -101,22 +111,12 @@ def test_trap5_gelu_is_exact_erf_in_dense_and_experts(tiny_model, ref, batch):
 
 @pytest.mark.parametrize("trap", [Traps(interleaved_rope=True), Traps(rope_base=1000.0)], ids=["interleaved", "base1000"])
 def test_trap6_rope_is_rotate_half_base_10000(tiny_model, ref, batch, trap):
-    ids, mask = batch
-    with torch.no_grad():
-        x = tiny_model.emb_ln(tiny_model.embeddings(ids))
-        mask_add = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        got = tiny_model.encoder.layers[0].attn(x, mask_add)
-    xs, ms = x.double().numpy(), mask.numpy()
+    got, xs, ms = attention_case(tiny_model, batch)
     check_trap(got, ref.attention(0, xs, ms), ref.attention(0, xs, ms, trap))
 
 
 def test_trap7_wqkv_split_is_q_k_v_major(tiny_model, ref, batch):
-    ids, mask = batch
-    with torch.no_grad():
-        x = tiny_model.emb_ln(tiny_model.embeddings(ids))
-        mask_add = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        got = tiny_model.encoder.layers[0].attn(x, mask_add)
-    xs, ms = x.double().numpy(), mask.numpy()
+    got, xs, ms = attention_case(tiny_model, batch)
     check_trap(got, ref.attention(0, xs, ms), ref.attention(0, xs, ms, Traps(head_major_qkv=True)))
 
 
