@@ -132,7 +132,8 @@ def export(
             results = verify(tmp, source, gates=gates, variants=list(variants))
         except VerificationError as err:
             raise VerificationError(f"export of {model} failed verification; nothing was written.\n{err}", err.results)
-        print_table(results)
+        for line in format_table(results).splitlines():
+            log.info("%s", line)
         report = _report(model, revision, source, tmp, results, gates, time.monotonic() - started)
         write_report(tmp, report)
         (tmp / MODEL_CARD_NAME).write_text(render_model_card(report, tmp))
@@ -156,11 +157,6 @@ def _export_moe_graph_in_subprocess(source: Path, path: Path, opset: int) -> Non
     done = subprocess.run([sys.executable, "-c", code, str(source), str(path), str(opset)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"exporting the moe graph failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-
-
-def print_table(results: dict) -> None:
-    for line in format_table(results).splitlines():
-        log.info("%s", line)
 
 
 def _copy_source_files(source: Path, dest: Path) -> None:

@@ -28,7 +28,6 @@ from nomic_export.exporter.model import NomicMoEModel, pool
 from nomic_export.exporter.verify import MOE_INPUTS_KEY
 from nomic_export.layout import INPUT_NAMES, OUTPUT_NAMES
 
-log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 20  # the first opset with Gelu; ORT >= 1.16 runs it
 MAX_SEQUENCE = 2048  # RoPE is computed in the graph for any length up to max_trained_positions

@@ -23,7 +23,7 @@ from nomic_export.errors import UserError, VerificationError
 from nomic_export.exporter.gates import Gates
 from nomic_export.exporter.checkpoint import load_model
 from nomic_export.exporter.model import NomicMoEModel, pool
-from nomic_export.layout import MAX_TOKENS, OUTPUT_NAMES, VARIANTS, platform_tag, variant_onnx_path
+from nomic_export.layout import CUSTOM_OPS_DIR, LIBRARY_NAME, MAX_TOKENS, VARIANTS, platform_tag, variant_onnx_path
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +128,14 @@ def run_reference(model: NomicMoEModel, batches) -> Reference:
     return ref
 
 
-def open_session(out: Path, variant: str, extra_outputs: bool = False, threads: int | None = None):
+def open_session(out: Path, variant: str, extra_outputs: bool = False):
     """An ORT session for a variant in OUT; with ``extra_outputs``, it also returns each MoE layer's input."""
     import onnxruntime as ort
 
     path = out / variant_onnx_path(variant)
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     if variant == "moe":
-        library = out / "custom_ops" / platform_tag() / "libnomic_moe_ops.so"
+        library = out / CUSTOM_OPS_DIR / platform_tag() / LIBRARY_NAME  # OUT's own copy, the one it ships
         if not library.is_file():
             raise UserError(f"{library}: missing; the moe variant needs the op library. Re-export, or run build-ops.")
         options.register_custom_ops_library(str(library))
