@@ -16,8 +16,8 @@
 //
 // act: "gelu" = 0.5 x (1 + erf(x / sqrt 2)); "gelu_tanh" = the tanh approximation; "silu" = x sigmoid(x).
 //
-// Dispatch: route every token; then per wave of up to 1024 tokens, group the (token, expert) pairs by
-// expert with a counting sort, cut each expert's rows into chunks of at most 240, and run each phase as one
+// Dispatch: route every token; then per wave of up to 2048 tokens, group the (token, expert) pairs by
+// expert with a counting sort, cut each expert's rows into chunks of at most 480, and run each phase as one
 // parallel loop over all chunks: gather x^T, h = act(w1[e] . x^T), y_e = h . w2[e] (one row per pair),
 // then Y[n] = bias + sum_j w[n, j] y_e[pair (n, j)]. The GEMMs are this file's register-tiled kernel, which
 // reads the weights in place, with no packed copy (see Tile). Experts with no tokens cost nothing. All
@@ -219,7 +219,7 @@ void Activate(Activation act, float* v, size_t n) {
 // tile[i][j] = sum_k a[i * a_row + k * a_k] * b[k * ldb + j]   for i < rows <= kTileRows, j < cols <= kTileCols
 //
 // `a` is broadcast one element at a time and `b` is loaded as vectors, so either operand can be a weight
-// matrix read in place, in the checkpoint's [F, H] layout:
+// matrix read in place, in the checkpoint's [F, H] layout (Layout below):
 //   fc1  h^T (F, M) = w1[e] (F, H) . x^T (H, M):  a = w1[e] rows (a_row = H, a_k = 1), b = x^T in 48-token panels;
 //   fc2  y   (M, F) . w2[e] (F, H) -> (M, H):     a = h in 8-token panels (a_row = 1, a_k = 8), b = w2[e] rows.
 // MLAS instead packs its whole B operand per call: for a weight passed as a plain input that is a copy of
@@ -228,12 +228,14 @@ void Activate(Activation act, float* v, size_t n) {
 // 24 FMAs, so the FMA ports, not the loads, set the pace.
 constexpr size_t kTileRows = 8;
 constexpr size_t kTileCols = 48;
+constexpr size_t kPrefetchLines = 4;  // fc1: lines ahead in each w1 row
 constexpr size_t kPrefetchRows = 24;  // ~24 x 12 cycles ahead: enough for L2 hits and most of a trip to L3
-constexpr size_t kChunkRows = 5 * kTileCols;  // rows of one expert per chunk: its x^T (H, 240) fits L2
-constexpr size_t kWaveTokens = 1024;           // tokens per wave: bounds the scratch (~50 MB at full dims)
+constexpr size_t kChunkRows = 10 * kTileCols;  // rows of one expert per chunk: its x^T (H, 480) fits L2
+constexpr size_t kWaveTokens = 2048;           // tokens per wave: bounds the scratch (~90 MB at full dims)
 constexpr size_t kFc1TaskRows = 4 * kTileRows;  // rows of w1[e] per fc1 task
+constexpr size_t kFc1Depth = 128;               // fc1 K block: 128 x 48 tokens = 24 KB of x^T, kept in L1
 constexpr size_t kFc2TaskCols = 2 * kTileCols;  // columns of w2[e] per fc2 task
-constexpr size_t kFc2Depth = 512;               // rows of w2[e] per fc2 block: 96 columns x 512 = 192 KB
+constexpr size_t kFc2Depth = 128;               // fc2 K block: 128 rows x 48 columns = 24 KB of w2[e], kept in L1
 
 // One expert's rows [begin, begin + rows) of a wave, at padded token offset `pad` in the scratch panels.
 struct Chunk {
@@ -242,11 +244,20 @@ struct Chunk {
 
 inline size_t RoundUp(size_t n, size_t step) { return (n + step - 1) / step * step; }
 
-template <int R, int C>
-__attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const float* a, size_t a_row, size_t a_k,
-                                                                         const float* b, size_t ldb, size_t K,
-                                                                         __mmask16 last, float* out, size_t ldo,
-                                                                         bool accumulate) {
+// The two operand layouts, fixed at compile time so that the hot loop addresses with constants:
+//   kWeightA (fc1): a = weight rows (a_row = lda, a_k = 1), b = a token panel (ldb = kTileCols);
+//   kWeightB (fc2): a = a token panel (a_row = 1, a_k = kTileRows), b = weight rows (ldb = ldw), prefetched,
+//                   since rows of w2 lie 3 KB apart, a stride the hardware prefetchers do not follow.
+enum class Layout { kWeightA, kWeightB };
+
+template <int R, int C, Layout L>
+__attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const float* a, const float* b, size_t ldw,
+                                                                         size_t K, __mmask16 last, float* out,
+                                                                         size_t ldo, bool accumulate) {
+  constexpr bool kWeightB = L == Layout::kWeightB;
+  const size_t a_row = kWeightB ? 1 : ldw;
+  constexpr size_t a_k = kWeightB ? kTileRows : 1;
+  const size_t ldb = kWeightB ? ldw : kTileCols;
   // Fully unrolled (the pragmas), so that GCC keeps acc in registers instead of on the stack.
   __m512 acc[R][C];
 #pragma GCC unroll 8
@@ -256,12 +267,13 @@ __attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const f
       acc[i][c] = accumulate ? _mm512_maskz_loadu_ps(c + 1 < C ? __mmask16(0xFFFF) : last, out + i * ldo + 16 * c)
                              : _mm512_setzero_ps();
     }
-  // w2's rows are 3 KB apart, a stride the hardware prefetchers do not follow; x^T panels are contiguous.
-  const bool prefetch = ldb > kTileCols;
   for (size_t k = 0; k < K; ++k, a += a_k, b += ldb) {
+    if constexpr (kWeightB) {
 #pragma GCC unroll 3
-    for (int c = 0; c < C && prefetch; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16 * c), _MM_HINT_T0);
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16 * c), _MM_HINT_T0);
+    } else if (k % 16 == 0) {  // one line of each weight row every 16 steps, kPrefetchLines ahead
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(a + i * a_row + 16 * kPrefetchLines), _MM_HINT_T0);
     }
     __m512 bv[C];
 #pragma GCC unroll 3
@@ -279,15 +291,29 @@ __attribute__((target("avx512f"), always_inline)) inline void TileAvx512(const f
     for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(out + i * ldo + 16 * c, c + 1 < C ? __mmask16(0xFFFF) : last, acc[i][c]);
 }
 
-template <int R>
-__attribute__((target("avx512f"))) void TileAvx512Rows(const float* a, size_t a_row, size_t a_k, const float* b,
-                                                       size_t ldb, size_t K, size_t cols, float* out, size_t ldo,
-                                                       bool accumulate) {
+template <int R, Layout L>
+__attribute__((target("avx512f"))) void TileAvx512Rows(const float* a, const float* b, size_t ldw, size_t K,
+                                                       size_t cols, float* out, size_t ldo, bool accumulate) {
   const __mmask16 last = static_cast<__mmask16>(0xFFFFu >> (15 - (cols - 1) % 16));
   switch ((cols + 15) / 16) {
-    case 1: return TileAvx512<R, 1>(a, a_row, a_k, b, ldb, K, last, out, ldo, accumulate);
-    case 2: return TileAvx512<R, 2>(a, a_row, a_k, b, ldb, K, last, out, ldo, accumulate);
-    default: return TileAvx512<R, 3>(a, a_row, a_k, b, ldb, K, last, out, ldo, accumulate);
+    case 1: return TileAvx512<R, 1, L>(a, b, ldw, K, last, out, ldo, accumulate);
+    case 2: return TileAvx512<R, 2, L>(a, b, ldw, K, last, out, ldo, accumulate);
+    default: return TileAvx512<R, 3, L>(a, b, ldw, K, last, out, ldo, accumulate);
+  }
+}
+
+template <Layout L>
+void TileAvx512Any(const float* a, const float* b, size_t ldw, size_t K, size_t rows, size_t cols, float* out,
+                   size_t ldo, bool accumulate) {
+  switch (rows) {
+    case 1: return TileAvx512Rows<1, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    case 2: return TileAvx512Rows<2, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    case 3: return TileAvx512Rows<3, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    case 4: return TileAvx512Rows<4, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    case 5: return TileAvx512Rows<5, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    case 6: return TileAvx512Rows<6, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    case 7: return TileAvx512Rows<7, L>(a, b, ldw, K, cols, out, ldo, accumulate);
+    default: return TileAvx512Rows<8, L>(a, b, ldw, K, cols, out, ldo, accumulate);
   }
 }
 
@@ -310,19 +336,15 @@ void TilePortable(const float* a, size_t a_row, size_t a_k, const float* b, size
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 
-// out[i * ldo + j] (+)= tile[i][j]: accumulate adds the product to what out holds.
-void Tile(const float* a, size_t a_row, size_t a_k, const float* b, size_t ldb, size_t K, size_t rows, size_t cols,
-          float* out, size_t ldo, bool accumulate) {
-  if (!kHasAvx512) return TilePortable(a, a_row, a_k, b, ldb, K, rows, cols, out, ldo, accumulate);
-  switch (rows) {
-    case 1: return TileAvx512Rows<1>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    case 2: return TileAvx512Rows<2>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    case 3: return TileAvx512Rows<3>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    case 4: return TileAvx512Rows<4>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    case 5: return TileAvx512Rows<5>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    case 6: return TileAvx512Rows<6>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    case 7: return TileAvx512Rows<7>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
-    default: return TileAvx512Rows<8>(a, a_row, a_k, b, ldb, K, cols, out, ldo, accumulate);
+// out[i * ldo + j] (+)= tile[i][j] for i < rows, j < cols; accumulate adds the product to what out holds.
+template <Layout L>
+void Tile(const float* a, const float* b, size_t ldw, size_t K, size_t rows, size_t cols, float* out, size_t ldo,
+          bool accumulate) {
+  if (kHasAvx512) return TileAvx512Any<L>(a, b, ldw, K, rows, cols, out, ldo, accumulate);
+  if constexpr (L == Layout::kWeightB) {
+    TilePortable(a, 1, kTileRows, b, ldw, K, rows, cols, out, ldo, accumulate);
+  } else {
+    TilePortable(a, ldw, 1, b, kTileCols, K, rows, cols, out, ldo, accumulate);
   }
 }
 
@@ -718,7 +740,7 @@ struct MoEKernel {
         const size_t e1 = std::min(E, e0 + group);
         size_t num_chunks = 0, pad = 0;
         for (size_t e = e0; e < e1; ++e) {
-          // equal chunks: 256 rows are 2 x 128, not 240 + a 16-row chunk that rereads the weights for little
+          // equal chunks: 512 rows are 2 x 256, not 480 + a 32-row chunk that rereads the weights for little
           const size_t count = offset[e + 1] - offset[e], parts = (count + kChunkRows - 1) / kChunkRows;
           for (size_t part = 0; part < parts; ++part) {
             const size_t begin = offset[e] + count * part / parts, end = offset[e] + count * (part + 1) / parts;
@@ -762,15 +784,15 @@ struct MoEKernel {
         });
 
         // fc1 + activation: panels[m / 8][f][m % 8] = act(x[m] . w1[e][f]). A task owns kFc1TaskRows rows
-        // of w1[e] for one chunk; they stay in L1 while the chunk's tokens sweep past, and the chunk's x^T
-        // (H, <= 240) stays in L2, so w1[e] is read from memory once per chunk.
+        // of w1[e] for one chunk; they stay in L2 while the chunk's tokens sweep past (the tile prefetches
+        // them on the first sweep), so w1[e] is read from memory once per chunk.
         const size_t fc1_groups = (F + kFc1TaskRows - 1) / kFc1TaskRows;
         ParallelFor(ctx, num_chunks * fc1_groups, [&](size_t task) {
           const Chunk& c = chunks[task / fc1_groups];
           const float* w1_e = expert_w1(c.e);
           const size_t mp = RoundUp(c.rows, kTileCols);
           const size_t f_begin = task % fc1_groups * kFc1TaskRows, f_end = std::min(F, f_begin + kFc1TaskRows);
-          alignas(64) float tile[kTileRows * kTileCols];
+          alignas(64) float tile[kFc1TaskRows * kTileCols];
           for (size_t f0 = f_begin; f0 < f_end; f0 += kTileRows) {
             const size_t rows = std::min(kTileRows, f_end - f0);
             for (size_t m0 = 0; c.rows <= kDotRows && m0 < c.rows; m0 += kDotCols) {
@@ -784,23 +806,31 @@ struct MoEKernel {
                 }
               }
             }
-            for (size_t m0 = c.pad; c.rows > kDotRows && m0 < c.pad + mp; m0 += kTileCols) {
-              // whole vectors of tokens: the zero padding beyond c.rows is computed, not the empty vectors
-              const size_t cols = std::min(kTileCols, RoundUp(c.pad + c.rows - m0, 16));
-              Tile(w1_e + f0 * H, H, 1, xt + m0 * H, kTileCols, H, rows, cols, tile, kTileCols, false);
-              for (size_t i = 0; i < rows; ++i) {
-                float* t = tile + i * kTileCols;
-                Activate(activation_, t, cols);
-                for (size_t j = 0; j < cols; j += 8) {
-                  std::memcpy(panels + ((m0 + j) * F + (f0 + i) * 8), t + j, 8 * sizeof(float));
-                }
+          }
+          // whole vectors of tokens: the zero padding beyond c.rows is computed, not the empty vectors.
+          // K is cut into blocks so that one block of the token panel stays in L1 while every tile of the
+          // task's w1 rows reads it; the task's tiles accumulate in `tile` until the last block.
+          for (size_t m0 = c.pad; c.rows > kDotRows && m0 < c.pad + mp; m0 += kTileCols) {
+            const size_t cols = std::min(kTileCols, RoundUp(c.pad + c.rows - m0, 16));
+            for (size_t k0 = 0; k0 < H; k0 += kFc1Depth) {
+              const size_t depth = std::min(kFc1Depth, H - k0);
+              for (size_t f0 = f_begin; f0 < f_end; f0 += kTileRows) {
+                Tile<Layout::kWeightA>(w1_e + f0 * H + k0, xt + m0 * H + k0 * kTileCols, H, depth,
+                                       std::min(kTileRows, f_end - f0), cols, tile + (f0 - f_begin) * kTileCols, kTileCols, k0 > 0);
+              }
+            }
+            for (size_t f = f_begin; f < f_end; ++f) {
+              float* t = tile + (f - f_begin) * kTileCols;
+              Activate(activation_, t, cols);
+              for (size_t j = 0; j < cols; j += 8) {
+                std::memcpy(panels + ((m0 + j) * F + f * 8), t + j, 8 * sizeof(float));
               }
             }
           }
         });
 
         // fc2: y_rows[row] = h[row] . w2[e]. A task owns kFc2TaskCols columns of w2[e] for one chunk and
-        // walks F in blocks of kFc2Depth rows, which stay in L2 while the token panels pass.
+        // walks F in blocks of kFc2Depth rows; each block's 48 columns stay in L1 while the token panels pass.
         const size_t fc2_groups = (H + kFc2TaskCols - 1) / kFc2TaskCols;
         ParallelFor(ctx, num_chunks * fc2_groups, [&](size_t task) {
           const Chunk& c = chunks[task / fc2_groups];
@@ -808,12 +838,11 @@ struct MoEKernel {
           const size_t h_begin = task % fc2_groups * kFc2TaskCols, h_end = std::min(H, h_begin + kFc2TaskCols);
           for (size_t k0 = 0; k0 < F; k0 += kFc2Depth) {
             const size_t depth = std::min(kFc2Depth, F - k0);
-            for (size_t m0 = 0; m0 < c.rows; m0 += kTileRows) {
-              const size_t rows = std::min(kTileRows, c.rows - m0);
-              const float* panel = panels + (c.pad + m0) * F + k0 * 8;
-              for (size_t h0 = h_begin; h0 < h_end; h0 += kTileCols) {
-                const size_t cols = std::min(kTileCols, h_end - h0);
-                Tile(panel, 1, 8, w2_e + k0 * H + h0, H, depth, rows, cols, y_rows + (c.begin + m0) * H + h0, H, k0 > 0);
+            for (size_t h0 = h_begin; h0 < h_end; h0 += kTileCols) {
+              const size_t cols = std::min(kTileCols, h_end - h0);
+              for (size_t m0 = 0; m0 < c.rows; m0 += kTileRows) {
+                Tile<Layout::kWeightB>(panels + (c.pad + m0) * F + k0 * 8, w2_e + k0 * H + h0, H, depth,
+                                       std::min(kTileRows, c.rows - m0), cols, y_rows + (c.begin + m0) * H + h0, H, k0 > 0);
               }
             }
           }

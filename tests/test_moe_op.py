@@ -102,7 +102,7 @@ def test_random_cases_match_reference(library):
         top_k = int(rng.integers(1, experts + 1))
         hidden = int(rng.integers(0, 24)) * 2 + 1  # odd H and F
         ffn = int(rng.integers(0, 24)) * 2 + 1
-        tokens = int(rng.choice([0, 1, 2, 3, 7, 16, 31, 64, 100, 257])) if case % 40 else int(rng.integers(1000, 2001))
+        tokens = int(rng.choice([0, 1, 2, 3, 7, 16, 31, 64, 100, 257])) if case % 40 else int(rng.integers(1000, 4501))
         activation = str(rng.choice(custom_ops.ACTIVATIONS))
         normalize = int(rng.integers(0, 2))
         bias = bool(rng.integers(0, 2))
@@ -184,6 +184,15 @@ def test_zero_tokens_give_empty_output(library, shape):
     model.graph.output[0].type.tensor_type.ClearField("shape")
     (y,) = session(library, model).run(None, feeds)
     assert y.shape == shape and y.dtype == np.float32
+
+
+def test_blocked_products_and_several_waves(library):
+    """H and F span several K blocks with ragged ends; N spans two waves; an expert gets several chunks."""
+    rng = np.random.default_rng(7)
+    feeds = random_weights(rng, 2300, 200, 300, 4)
+    (y,) = session(library, graphs.moe_node_model(200, 300, 4)).run(None, feeds)
+    expected, clear = reference(feeds, 2)
+    assert_close(y, expected, FP32_REL_TOL, clear, "H=200, F=300, N=2300")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
