@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from nomic_export.errors import UserError
-from nomic_export.layout import REPORT_NAME, variant_onnx_path
+from nomic_export.layout import REPORT_NAME, apply_ort_config, variant_onnx_path
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def ort_session(out: Path, variant: str, threads: int):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    apply_ort_config(options)
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if variant == "moe":

@@ -23,7 +23,15 @@ from nomic_export.errors import UserError, VerificationError
 from nomic_export.exporter.gates import Gates
 from nomic_export.exporter.checkpoint import load_model
 from nomic_export.exporter.model import NomicMoEModel, pool
-from nomic_export.layout import CUSTOM_OPS_DIR, LIBRARY_NAME, MAX_TOKENS, VARIANTS, platform_tag, variant_onnx_path
+from nomic_export.layout import (
+    CUSTOM_OPS_DIR,
+    LIBRARY_NAME,
+    MAX_TOKENS,
+    VARIANTS,
+    apply_ort_config,
+    platform_tag,
+    variant_onnx_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +142,7 @@ def open_session(out: Path, variant: str, extra_outputs: bool = False):
 
     path = out / variant_onnx_path(variant)
     options = ort.SessionOptions()
+    apply_ort_config(options)  # the graph the runtime runs is the graph verified
     if variant == "moe":
         library = out / CUSTOM_OPS_DIR / platform_tag() / LIBRARY_NAME  # OUT's own copy, the one it ships
         if not library.is_file():

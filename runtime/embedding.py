@@ -32,6 +32,7 @@ from nomic_export.layout import (
     MAX_TOKENS,
     TASK_PREFIXES,
     VARIANTS,
+    apply_ort_config,
     platform_tag,
     variant_onnx_path,
 )
@@ -226,6 +227,7 @@ class MoETextEmbedding:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        apply_ort_config(options)
         if threads:
             options.intra_op_num_threads = threads
         if variant == "moe":

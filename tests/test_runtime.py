@@ -11,11 +11,13 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from nomic_export.cli import main
 from nomic_export.errors import UserError
-from nomic_export.layout import MAX_TOKENS, TASK_PREFIXES, platform_tag
+from nomic_export.layout import MAX_TOKENS, ORT_CONFIG_ENTRIES, TASK_PREFIXES, apply_ort_config, platform_tag, variant_onnx_path
 from nomic_export.runtime import EmbedStats, MoETextEmbedding
 from nomic_export.runtime.embedding import (
     allow_patterns,
@@ -302,3 +304,23 @@ def test_runtime_and_cli_embed_never_import_torch(tiny_export):
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = result.stdout.splitlines()
     assert json.loads(line)["text"] == "Hello!"
+
+
+def test_sessions_keep_residual_add_and_layernorm_unfused(moe, tiny_export, tmp_path):
+    """ORT_CONFIG_ENTRIES reach the runtime's session, and in this ORT they stop the SkipLayerNormalization
+    fusion (which would otherwise happen: the counter-check) that made the model slower."""
+    options = moe.session.get_session_options()
+    for key, value in ORT_CONFIG_ENTRIES.items():
+        assert options.get_session_config_entry(key) == value
+
+    def optimized_ops(configure: bool) -> set[str]:
+        so = ort.SessionOptions()
+        if configure:
+            apply_ort_config(so)
+        so.optimized_model_filepath = str(tmp_path / f"optimized-{configure}.onnx")
+        ort.InferenceSession(str(tiny_export / variant_onnx_path("dense")), so, providers=["CPUExecutionProvider"])
+        return {node.op_type for node in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node}
+
+    assert "SkipLayerNormalization" in optimized_ops(configure=False)
+    configured = optimized_ops(configure=True)
+    assert "SkipLayerNormalization" not in configured and "LayerNormalization" in configured
