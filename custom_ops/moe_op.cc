@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <sstream>
@@ -334,7 +335,13 @@ void TilePortable(const float* a, size_t a_row, size_t a_k, const float* b, size
   }
 }
 
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+// NOMIC_MOE_KERNEL=portable makes an AVX-512 CPU run the portable tiles too, so that tests can check them.
+bool PortableRequested() {
+  const char* value = std::getenv("NOMIC_MOE_KERNEL");
+  return value != nullptr && std::strcmp(value, "portable") == 0;
+}
+
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && !PortableRequested();
 
 // out[i * ldo + j] (+)= tile[i][j] for i < rows, j < cols; accumulate adds the product to what out holds.
 template <Layout L>

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -193,6 +195,19 @@ def test_blocked_products_and_several_waves(library):
     (y,) = session(library, graphs.moe_node_model(200, 300, 4)).run(None, feeds)
     expected, clear = reference(feeds, 2)
     assert_close(y, expected, FP32_REL_TOL, clear, "H=200, F=300, N=2300")
+
+
+def test_portable_kernels_match_reference(library):
+    """CPUs without AVX-512 run the portable tiles: the reference cases again, forced onto them."""
+    if os.environ.get("NOMIC_MOE_KERNEL") == "portable":
+        pytest.skip("already running on the portable kernels")
+    cases = "test_random_cases_match_reference or test_blocked_products_and_several_waves or test_matches_torch_top2_loop"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", cases],
+        env={**os.environ, "NOMIC_MOE_KERNEL": "portable"}, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
