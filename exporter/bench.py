@@ -11,7 +11,8 @@ memory never counts against another's.
 
 Row keys (also the model card's benchmark contract, exporter/model_card.py): contender, batch, seq,
 threads, tokens_per_s, p50_ms, p90_ms, ratio_to_moe = contender tokens/s / moe tokens/s (below 1: moe
-is faster; moe's speed-up over a contender is its reciprocal).
+is faster; moe's speed-up over a contender is its reciprocal); and moe_speedup_rounds = [min, median, max]
+over rounds of the contender's time / moe's time in the same round.
 """
 
 from __future__ import annotations
@@ -271,6 +272,9 @@ def bench(
                 moe_p50 = statistics.median(times["moe"])
                 for name, ts in times.items():
                     p50 = statistics.median(ts)
+                    # each round's contender time over moe's time in the same round: the pairs ran seconds
+                    # apart, so their ratios show how far the machine's drift moves the comparison
+                    paired = [c / m for c, m in zip(ts, times["moe"])]
                     rows.append(
                         {
                             "contender": name,
@@ -281,6 +285,7 @@ def bench(
                             "p50_ms": 1e3 * p50,
                             "p90_ms": 1e3 * float(np.percentile(ts, 90)),
                             "ratio_to_moe": moe_p50 / p50,
+                            "moe_speedup_rounds": [min(paired), statistics.median(paired), max(paired)],
                         }
                     )
                 gflops = matmul_gflops(batch * seq, shape.hidden, shape.ffn, t)
@@ -355,11 +360,13 @@ def _record_in_report(out: Path, results: dict) -> None:
 def format_tables(results: dict) -> str:
     lines = [
         f"{'contender':<9} {'batch':>5} {'seq':>5} {'thr':>3} {'tokens/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'moe speed-up':>13}"
+        f"  {'per round: min / median / max':>30}"
     ]
     for r in results["rows"]:
         lines.append(
             f"{r['contender']:<9} {r['batch']:>5} {r['seq']:>5} {r['threads']:>3} {r['tokens_per_s']:>10.0f} "
             f"{r['p50_ms']:>9.1f} {r['p90_ms']:>9.1f} {1 / r['ratio_to_moe']:>12.2f}x"
+            f"  {' / '.join(f'{x:.2f}x' for x in r['moe_speedup_rounds']):>30}"
         )
     lines += ["", f"{'batch':>5} {'seq':>5} {'thr':>3} {'MatMul GFLOP/s':>15} {'GFLOP/token':>12} {'moe share of roof':>18}"]
     for r in results["roofline"]:

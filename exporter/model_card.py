@@ -323,9 +323,11 @@ def format_ratio(x) -> str:
 
 
 def format_number(x) -> str:
-    """A benchmark cell: integers as they are, floats to a precision that suits their size."""
+    """A benchmark cell: integers as they are, floats to a precision that suits their size, lists joined."""
     if x is None:
         return "–"
+    if isinstance(x, (list, tuple)):
+        return " / ".join(format_number(v) for v in x)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return str(x)
     if isinstance(x, int):

@@ -28,8 +28,10 @@ def test_bench_runs_every_contender_and_records_rows(tiny_export, tiny_checkpoin
     for row in results["rows"]:
         assert row["p90_ms"] >= row["p50_ms"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["seq"] / row["p50_ms"] * 1e3)
+        low, middle, high = row["moe_speedup_rounds"]
+        assert 0 < low <= middle <= high
         if row["contender"] == "moe":
-            assert row["ratio_to_moe"] == 1.0
+            assert row["ratio_to_moe"] == 1.0 and low == high == 1.0
     assert set(results["contenders"]) == {"moe/1", "ortmoe/1", "dense/1", "torch/1"}
     assert all(c["peak_rss_mb"] > 0 and c["session_s"] > 0 for c in results["contenders"].values())
     assert {"1"} == set(results["floor"])  # batch 1 was measured, so the streaming floor was too

@@ -144,6 +144,7 @@ def test_benchmark_rows_render_as_a_table(out):
     assert _row(card, "## Benchmarks", "dense") == ["dense", "1", "128", "2", "512", "250", "260", "0.278", "every expert"]
     assert _row(card, "## Benchmarks", "moe")[-1] == "–"
     assert format_number(1843.27) == "1843" and format_number(69.44) == "69.44"
+    assert format_number([0.8734, 1.0612, 1.2]) == "0.873 / 1.06 / 1.20"  # moe_speedup_rounds: min / median / max
 
 
 def test_license_from_the_source_and_kept_by_later_renders(out, tmp_path):
