@@ -3,8 +3,9 @@
 Everything is checked before any network call: the repository id's form, OUT's required files, that
 every variant in export_report.json passed verification, and that nothing would be read from outside OUT
 (a symlink leading out of it is refused). Files go up through ``HfApi.create_commit``, so large ones take
-huggingface_hub's ordinary large-file path. The token is never printed or logged, and errors coming back
-from the Hub are re-raised with the token scrubbed from their text.
+huggingface_hub's ordinary large-file path; export_report.json goes up without the local path of a local
+source (`public_report`). The token is never printed or logged, and errors coming back from the Hub are
+re-raised with the token scrubbed from their text.
 
 Torch-free: imports json, pathlib, huggingface_hub and the card renderer only.
 """
@@ -191,7 +192,13 @@ def publish(
     (out / MODEL_CARD_NAME).write_text(render_model_card(report, out, repo_id=repo_id))
     plan = result["files"] = plan_upload(out)
     root = out.resolve()
-    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str((root / p).resolve())) for p, _ in plan]
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=p,
+            path_or_fileobj=public_report(report) if p == REPORT_NAME else str((root / p).resolve()),
+        )
+        for p, _ in plan
+    ]
     api = api if api is not None else HfApi()
     message = commit_message or f"Upload ONNX export (nomic-export {__version__})"
     log.info("publish: %d files, %s, to %s (%s)", len(plan), _human(sum(s for _, s in plan)), repo_id, result["revision"])
@@ -214,6 +221,17 @@ def publish(
     result["commit_url"] = str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
     log.info("published: %s", result["commit_url"])
     return result
+
+
+def public_report(report: dict) -> bytes:
+    """The report as uploaded: a local source is named by its folder's name, never by its path on this
+    machine (OUT keeps the full path: `verify` reads it as the default reference)."""
+    public = json.loads(json.dumps(report))
+    source = public.get("source") or {}
+    if source.get("local_path"):
+        source["model"] = Path(source["local_path"]).name
+        source["local_path"] = None
+    return (json.dumps(public, indent=2) + "\n").encode()
 
 
 def format_plan(result: dict, out: str | Path) -> str:

@@ -102,9 +102,17 @@ def test_one_commit_with_every_file_of_out(out):
     args, kwargs = api.call("create_commit")
     operations = kwargs["operations"]
     assert all(isinstance(op, huggingface_hub.CommitOperationAdd) for op in operations)
-    assert {op.path_in_repo: Path(op.path_or_fileobj) for op in operations} == {
-        path: (out / path).resolve() for path in _files(out)
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in operations}
+    assert set(uploaded) == set(_files(out))
+    assert {p: Path(f) for p, f in uploaded.items() if p != REPORT_NAME} == {
+        path: (out / path).resolve() for path in _files(out) if path != REPORT_NAME
     }
+    # the report goes up without this machine's path to the checkpoint; OUT's own copy keeps it for verify
+    local = json.loads((out / REPORT_NAME).read_text())
+    public = json.loads(uploaded[REPORT_NAME])
+    assert local["source"]["local_path"] and str(Path(local["source"]["local_path"]).parent) not in uploaded[REPORT_NAME].decode()
+    assert public["source"]["local_path"] is None and public["source"]["model"] == Path(local["source"]["local_path"]).name
+    assert {k: v for k, v in public.items() if k != "source"} == {k: v for k, v in local.items() if k != "source"}
     assert kwargs["revision"] is None and kwargs["repo_type"] == "model"
     assert "nomic-export" in kwargs["commit_message"]
     # the card uploaded names the repository it is in
