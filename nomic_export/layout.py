@@ -39,10 +39,11 @@ SENTENCE_TRANSFORMERS_FILES = (
 # ONNX Runtime session config entries that the runtime, verify and bench set on every variant, and that the
 # model card tells other runtimes to set. ORT fuses each residual Add + LayerNormalization into
 # com.microsoft::SkipLayerNormalization, whose CPU kernel took 228 ms of a 32x128 batch (24 nodes, ORT
-# 1.32, 2 threads) where the unfused LayerNormalization + Add took 92 ms; keeping them apart was 1-5% faster
-# end to end at 1 and 2 threads (benchmarks/README.md). The two are the same arithmetic up to float32
+# 1.32, 2 threads) where the unfused LayerNormalization + Add took 92 ms; keeping them apart was 0.6-5%
+# faster end to end at 1 and 2 threads (benchmarks/README.md). The two are the same arithmetic up to float32
 # summation order.
 ORT_CONFIG_ENTRIES = {"optimization.disable_specified_optimizers": "SkipLayerNormFusion"}
+
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("last_hidden_state", "sentence_embedding")
 
