@@ -246,7 +246,7 @@ struct Chunk {
 inline size_t RoundUp(size_t n, size_t step) { return (n + step - 1) / step * step; }
 
 // The two operand layouts, fixed at compile time so that the hot loop addresses with constants:
-//   kWeightA (fc1): a = weight rows (a_row = lda, a_k = 1), b = a token panel (ldb = kTileCols);
+//   kWeightA (fc1): a = weight rows (a_row = ldw, a_k = 1), b = a token panel (ldb = kTileCols);
 //   kWeightB (fc2): a = a token panel (a_row = 1, a_k = kTileRows), b = weight rows (ldb = ldw), prefetched,
 //                   since rows of w2 lie 3 KB apart, a stride the hardware prefetchers do not follow.
 enum class Layout { kWeightA, kWeightB };
@@ -792,7 +792,7 @@ struct MoEKernel {
 
         // fc1 + activation: panels[m / 8][f][m % 8] = act(x[m] . w1[e][f]). A task owns kFc1TaskRows rows
         // of w1[e] for one chunk; they stay in L2 while the chunk's tokens sweep past (the tile prefetches
-        // them on the first sweep), so w1[e] is read from memory once per chunk.
+        // each row a few lines ahead), so w1[e] is read from memory once per chunk.
         const size_t fc1_groups = (F + kFc1TaskRows - 1) / kFc1TaskRows;
         ParallelFor(ctx, num_chunks * fc1_groups, [&](size_t task) {
           const Chunk& c = chunks[task / fc1_groups];
@@ -800,24 +800,27 @@ struct MoEKernel {
           const size_t mp = RoundUp(c.rows, kTileCols);
           const size_t f_begin = task % fc1_groups * kFc1TaskRows, f_end = std::min(F, f_begin + kFc1TaskRows);
           alignas(64) float tile[kFc1TaskRows * kTileCols];
-          for (size_t f0 = f_begin; f0 < f_end; f0 += kTileRows) {
-            const size_t rows = std::min(kTileRows, f_end - f0);
-            for (size_t m0 = 0; c.rows <= kDotRows && m0 < c.rows; m0 += kDotCols) {
-              const size_t cols = std::min(kDotCols, c.rows - m0);
-              DotTile(w1_e + f0 * H, xt + (c.pad + m0) * H, H, rows, cols, tile);
-              for (size_t i = 0; i < rows; ++i) {
-                Activate(activation_, tile + i * kTileCols, cols);
-                for (size_t j = 0; j < cols; ++j) {
-                  const size_t m = c.pad + m0 + j;
-                  panels[(m / 8 * F + f0 + i) * 8 + m % 8] = tile[i * kTileCols + j];
+          if (c.rows <= kDotRows) {
+            for (size_t f0 = f_begin; f0 < f_end; f0 += kTileRows) {
+              const size_t rows = std::min(kTileRows, f_end - f0);
+              for (size_t m0 = 0; m0 < c.rows; m0 += kDotCols) {
+                const size_t cols = std::min(kDotCols, c.rows - m0);
+                DotTile(w1_e + f0 * H, xt + (c.pad + m0) * H, H, rows, cols, tile);
+                for (size_t i = 0; i < rows; ++i) {
+                  Activate(activation_, tile + i * kTileCols, cols);
+                  for (size_t j = 0; j < cols; ++j) {
+                    const size_t m = c.pad + m0 + j;
+                    panels[(m / 8 * F + f0 + i) * 8 + m % 8] = tile[i * kTileCols + j];
+                  }
                 }
               }
             }
+            return;
           }
           // whole vectors of tokens: the zero padding beyond c.rows is computed, not the empty vectors.
           // K is cut into blocks so that one block of the token panel stays in L1 while every tile of the
           // task's w1 rows reads it; the task's tiles accumulate in `tile` until the last block.
-          for (size_t m0 = c.pad; c.rows > kDotRows && m0 < c.pad + mp; m0 += kTileCols) {
+          for (size_t m0 = c.pad; m0 < c.pad + mp; m0 += kTileCols) {
             const size_t cols = std::min(kTileCols, RoundUp(c.pad + c.rows - m0, 16));
             for (size_t k0 = 0; k0 < H; k0 += kFc1Depth) {
               const size_t depth = std::min(kFc1Depth, H - k0);
