@@ -87,7 +87,7 @@ def export(
     variants = parse_variants(variants)
     opset = opset or graphs.DEFAULT_OPSET
     if opset < graphs.DEFAULT_OPSET:
-        raise UserError(f"--opset {opset}: the graph needs opset >= {graphs.DEFAULT_OPSET} (for Gelu).")
+        raise UserError(f"--opset {opset}: the graph needs opset >= {graphs.DEFAULT_OPSET} (the first with RotaryEmbedding).")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another directory.")
     if push_to_hub:  # refuse a bad repo id or a missing token now, not after a long export

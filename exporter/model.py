@@ -157,20 +157,27 @@ class Embeddings(nn.Module):
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for positions 0..seq_len-1, each (S, head_dim): the half-width angles concatenated twice.
+    """cos/sin of the rotary angles for positions 0..seq_len-1, each (S, head_dim / 2).
 
     Computed from ``seq_len`` on every call, never cached, so an export keeps it dynamic (trap 12).
     """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)  # (D/2,)
     positions = torch.arange(seq_len, dtype=torch.float32, device=device)
     angles = torch.outer(positions, inv_freq)  # (S, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (S, D): NeoX layout, not interleaved (trap 6)
     return angles.cos(), angles.sin()
 
 
-def rotate_half(u: torch.Tensor) -> torch.Tensor:
-    half = u.shape[-1] // 2
-    return torch.cat((-u[..., half:], u[..., :half]), dim=-1)
+def rope(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """RoPE on u (B, S, nh * D) at positions 0..S-1, each head rotated as ``u*cos + rotate_half(u)*sin``.
+
+    NeoX layout, not interleaved (trap 6): ``rotate_half(u) = concat(-u[D/2:], u[:D/2])`` and both halves use the
+    same D/2 angles. ``torch.onnx.ops.rotary_embedding`` computes exactly that in eager mode and exports as one
+    ONNX RotaryEmbedding-23 node, which ONNX Runtime runs in one pass; the six-op decomposition (split, neg,
+    concat, two muls, add) took ~8x as long (benchmarks/README.md).
+    """
+    B, S, _ = u.shape
+    positions = torch.arange(S, device=u.device).expand(B, S)
+    return torch.onnx.ops.rotary_embedding(u, cos, sin, positions, interleaved=False, num_heads=num_heads)
 
 
 class Attention(nn.Module):
@@ -182,11 +189,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask_add: torch.Tensor) -> torch.Tensor:
         B, S, H = x.shape
-        qkv = self.Wqkv(x).view(B, S, 3, self.num_heads, self.head_dim)  # rows q | k | v (trap 7)
-        q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, S, D)
+        q, k, v = self.Wqkv(x).split(H, dim=-1)  # rows q | k | v, heads contiguous inside each (trap 7)
         cos, sin = rotary_cos_sin(S, self.head_dim, self.rotary_base, device=x.device)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin, self.num_heads), rope(k, cos, sin, self.num_heads)
+        q, k, v = (u.view(B, S, self.num_heads, self.head_dim).transpose(1, 2) for u in (q, k, v))  # (B, nh, S, D)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask_add  # (B, nh, S, S)
         out = scores.softmax(dim=-1) @ v  # (B, nh, S, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, H))

@@ -61,7 +61,7 @@ VARIANT_TEXT = {
     "dense": (
         "standard ONNX ops only: every expert runs on every token and the top-2 gate masks the result "
         "(exact, about 4x the FFN compute of the sparse variants)",
-        "any ONNX runtime (onnxruntime >= 1.16 for opset 20)",
+        "any ONNX runtime with opset 23 (onnxruntime >= 1.23)",
     ),
 }
 
@@ -164,7 +164,7 @@ def _variants_section(variants: list[str], report: dict, out: Path, platforms: l
             text += (
                 f"\nThe `moe` variant needs the `com.nomic::MoE` operator library, included for these "
                 f"platforms: {listed}. It links no onnxruntime library and loads in any onnxruntime "
-                "from 1.21 on.\n"
+                "from 1.21 on; the graphs (opset 23) need onnxruntime >= 1.23.\n"
             )
         else:
             text += "\nThe `moe` variant needs the `com.nomic::MoE` operator library; none is included here.\n"

@@ -157,11 +157,11 @@ def test_bad_task_and_batch_size_are_refused_at_the_call(moe):
         moe.embed(["a"], batch_size=0)
 
 
-def test_onnxruntime_older_than_1_21_is_refused():
-    for old in ("1.20.1", "1.9.0", "0.99"):
-        with pytest.raises(UserError, match=r"onnxruntime .* is too old.*>= 1\.21"):
+def test_onnxruntime_older_than_1_23_is_refused():
+    for old in ("1.22.1", "1.20.1", "1.9.0", "0.99"):
+        with pytest.raises(UserError, match=r"onnxruntime .* is too old.*>= 1\.23"):
             check_onnxruntime_version(old)
-    for ok in ("1.21.0", "1.23.2", "1.32.0", "2.0.0.dev1"):
+    for ok in ("1.23.0", "1.23.2", "1.32.0", "2.0.0.dev1"):
         check_onnxruntime_version(ok)
 
 
