@@ -83,6 +83,26 @@ def test_moe_graph_has_one_custom_node_per_moe_layer(tiny_export, tiny_model):
     assert len(initializers) == len(model.graph.initializer)
 
 
+def test_rope_is_one_rotary_embedding_node_per_q_and_k(tiny_export, tiny_model):
+    """RoPE exports as ONNX RotaryEmbedding (opset 23), not as the slower six-op decomposition."""
+    model = onnx.load(str(tiny_export / "onnx/model.onnx"), load_external_data=False)
+    cfg = tiny_model.config
+    assert {o.domain: o.version for o in model.opset_import}[""] == 23
+    rope = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rope) == 2 * cfg.num_layers
+    for node in rope:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("interleaved", 0) == 0 and attrs["num_heads"] == cfg.num_heads  # NeoX halves (trap 6)
+    assert not [n for n in model.graph.node if n.op_type == "Neg"]  # rotate_half's decomposition is gone
+
+
+def test_opset_below_23_exits_2(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_checkpoint), "-o", str(out), "--opset", "22", "-q"]) == 2
+    assert "needs opset >= 23" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("variant", ["ortmoe", "dense"])
 def test_derived_variants_have_no_custom_node(tiny_export, variant):
     model = onnx.load(str(tiny_export / variant_onnx_path(variant)), load_external_data=False)
