@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from nomic_export.errors import UserError
-from nomic_export.layout import REPORT_NAME, apply_ort_config, variant_onnx_path
+from nomic_export.layout import REPORT_NAME, apply_ort_config, variant_onnx_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def bench(
                "weights_mb": (out / (variant_onnx_path("moe") + "_data")).stat().st_size / 2**20,
                "date": time.strftime("%Y-%m-%d")}
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(Path(json_path), json.dumps(results, indent=2) + "\n")
     if plot_path:
         plot(results, Path(plot_path))
     _record_in_report(out, results)
@@ -354,7 +354,7 @@ def _record_in_report(out: Path, results: dict) -> None:
     report["benchmarks"] = results["rows"]
     report["benchmark_info"] = results["info"]
     write_report(out, report)
-    (out / MODEL_CARD_NAME).write_text(render_model_card(report, out))
+    write_text_atomic(out / MODEL_CARD_NAME, render_model_card(report, out))
 
 
 def format_tables(results: dict) -> str:

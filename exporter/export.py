@@ -37,6 +37,7 @@ from nomic_export.layout import (
     VARIANTS,
     platform_tag,
     variant_onnx_path,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -231,11 +232,8 @@ def _report(model, revision, source: Path, tmp: Path, results: dict, gates: Gate
 
 
 def write_report(out: Path, report: dict) -> None:
-    """Write export_report.json atomically (a temporary file renamed over it)."""
-    path = out / REPORT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """Write export_report.json atomically."""
+    write_text_atomic(out / REPORT_NAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def verify_export(out: str | Path, reference: str | None = None, gates: Gates = Gates()) -> dict:
@@ -271,7 +269,7 @@ def verify_export(out: str | Path, reference: str | None = None, gates: Gates = 
     for variant, figures in results.items():
         report["variants"].setdefault(variant, {"file": variant_onnx_path(variant)})["verification"] = figures
     write_report(out, report)
-    (out / MODEL_CARD_NAME).write_text(render_model_card(report, out))
+    write_text_atomic(out / MODEL_CARD_NAME, render_model_card(report, out))
     if failed:
         raise failed
     return results

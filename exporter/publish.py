@@ -27,6 +27,7 @@ from nomic_export.layout import (
     REPORT_NAME,
     VARIANTS,
     variant_onnx_path,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def publish(
     from nomic_export.exporter.model_card import render_model_card
 
     # The card's loading snippets name the repository they are read in.
-    (out / MODEL_CARD_NAME).write_text(render_model_card(report, out, repo_id=repo_id))
+    write_text_atomic(out / MODEL_CARD_NAME, render_model_card(report, out, repo_id=repo_id))
     plan = result["files"] = plan_upload(out)
     root = out.resolve()
     operations = [

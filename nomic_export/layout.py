@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from pathlib import Path
 
 from nomic_export.errors import UserError
 
@@ -55,6 +56,16 @@ TASK_PREFIXES = {
     "classification": "classification: ",
     "clustering": "clustering: ",
 }
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (the report, the model card): a temporary file beside it, renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def variant_onnx_path(variant: str) -> str:

@@ -180,3 +180,23 @@ def test_verify_rerenders_the_card(out):
     card = (out / MODEL_CARD_NAME).read_text()
     report = _report(out)
     assert _row(card, "## Verification", "moe")[1] == format_cosine(report["variants"]["moe"]["verification"]["min_cosine"])
+
+
+def test_a_card_write_that_fails_midway_keeps_the_old_card(out, monkeypatch):
+    """verify, bench and publish rewrite OUT's card and report; a failure while writing must leave the old file."""
+    from nomic_export.layout import write_text_atomic
+
+    card = out / MODEL_CARD_NAME
+    before = card.read_text()
+    real_write = Path.write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError):
+        write_text_atomic(card, "a new card\n" * 100)
+    monkeypatch.undo()
+    assert card.read_text() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
