@@ -200,3 +200,7 @@ def derive_variant(moe_path: Path, variant: str, out_path: Path) -> None:
         location=out_path.name + "_data",
         size_threshold=256,
     )
+    # onnx creates external data files with mode 0600; give the data the graph file's permissions, so that
+    # whoever may read the graph may read its weights (a service user, a shared model folder).
+    data_path = out_path.with_name(out_path.name + "_data")
+    data_path.chmod(out_path.stat().st_mode & 0o777)

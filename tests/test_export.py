@@ -48,8 +48,9 @@ def routes(model, ids, mask):
 
 def test_out_layout_and_report(tiny_export):
     for variant in VARIANTS:
-        assert (tiny_export / variant_onnx_path(variant)).is_file()
-        assert (tiny_export / (variant_onnx_path(variant) + "_data")).is_file()
+        graph, data = tiny_export / variant_onnx_path(variant), tiny_export / (variant_onnx_path(variant) + "_data")
+        assert graph.is_file() and data.is_file()
+        assert data.stat().st_mode == graph.stat().st_mode, variant  # readable by whoever may read the graph
     assert (tiny_export / "custom_ops" / platform_tag() / "libnomic_moe_ops.so").is_file()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
         assert (tiny_export / name).is_file(), name
