@@ -237,6 +237,19 @@ def bench(
         raise UserError(f"{out}: no exported variant under onnx/; run `nomic-export export MODEL -o {out}` first.")
     if "moe" not in variants:
         raise UserError(f"{out}: has no moe variant, which the ratios are taken against; export with --variants moe,...")
+    # Refuse bad arguments before measuring anything: a full-size run takes many minutes.
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds}: at least one timed round is needed; pass --rounds 1 or more.")
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not Path(path).parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it or choose another path.")
+    if plot_path is not None:
+        _check_plot_format(Path(plot_path))
+    if torch_reference:
+        from nomic_export.exporter.checkpoint import check_checkpoint, resolve_checkpoint
+
+        torch_reference = resolve_checkpoint(torch_reference)
+        check_checkpoint(torch_reference)
     shape = ModelShape.from_config(out / "config.json")
     contenders = list(variants) + ([TORCH] if torch_reference else [])
     rows, roof, contender_info, floor = [], [], {}, {}
@@ -250,9 +263,9 @@ def bench(
         runners = {v: ort_session(out, v, t) for v in variants}
         reference = None
         if torch_reference:
-            from nomic_export.exporter.checkpoint import load_model, resolve_checkpoint
+            from nomic_export.exporter.checkpoint import load_model
 
-            reference = load_model(resolve_checkpoint(torch_reference))
+            reference = load_model(torch_reference)
             runners[TORCH] = torch_runner(reference, t)
         for batch in batches:
             for seq in seqs:
@@ -388,8 +401,7 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """tokens/s per batch shape, one line per contender (one panel per thread count)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -397,6 +409,25 @@ def plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'nomic-export[bench]'") from None
+    return plt
+
+
+def _check_plot_format(path: Path) -> None:
+    """Refuse a --plot file whose suffix matplotlib cannot write, before the run rather than after it."""
+    plt = _pyplot()
+    fig = plt.figure()
+    formats = fig.canvas.get_supported_filetypes()
+    plt.close(fig)
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UserError(
+            f"--plot {path}: matplotlib cannot write {path.suffix or 'a file without a suffix'}; "
+            f"end the name in one of {', '.join('.' + f for f in sorted(formats))} (e.g. bench.png)."
+        )
+
+
+def plot(results: dict, path: Path) -> None:
+    """tokens/s per batch shape, one line per contender (one panel per thread count)."""
+    plt = _pyplot()
     threads = sorted({r["threads"] for r in results["rows"]})
     fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4.5), squeeze=False)
     for ax, t in zip(axes[0], threads):

@@ -221,6 +221,22 @@ def check_tensors(cfg: NomicMoEConfig, files: list[Path]) -> None:
     raise UserError("\n".join(lines))
 
 
+def check_checkpoint(directory: str | Path) -> tuple[NomicMoEConfig, list[Path]]:
+    """Check a checkpoint directory without loading its weights: files, config, and every tensor's name and shape.
+
+    Returns:
+        The config and the safetensors files.
+    Raises:
+        UserError: as ``load_model``, before any weight is read.
+    """
+    directory = Path(directory)
+    _check_files(directory)
+    cfg = load_config(directory)
+    files = _weight_files(directory)
+    check_tensors(cfg, files)
+    return cfg, files
+
+
 def load_model(directory: str | Path) -> NomicMoEModel:
     """Build the reference model from a checkpoint directory, strictly, in eval mode, fp32.
 
@@ -233,11 +249,7 @@ def load_model(directory: str | Path) -> NomicMoEModel:
     Example:
         >>> model = load_model(resolve_checkpoint("nomic-ai/nomic-embed-text-v2-moe"))
     """
-    directory = Path(directory)
-    _check_files(directory)
-    cfg = load_config(directory)
-    files = _weight_files(directory)
-    check_tensors(cfg, files)
+    cfg, files = check_checkpoint(directory)
     table = tensor_table(cfg)
     with torch.device("meta"):
         model = NomicMoEModel(cfg)

@@ -16,10 +16,11 @@ from nomic_export.exporter.bench import ModelShape
 
 def test_bench_runs_every_contender_and_records_rows(tiny_export, tiny_checkpoint, tmp_path, capsys):
     out = shutil.copytree(tiny_export, tmp_path / "out")
-    json_path = tmp_path / "bench.json"
+    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["bench", str(out), "--batch", "1,2", "--seq", "8", "--threads", "1", "--rounds", "2",
-            "--torch-reference", str(tiny_checkpoint), "--json", str(json_path), "-q"]
+            "--torch-reference", str(tiny_checkpoint), "--json", str(json_path), "--plot", str(plot_path), "-q"]
     assert main(argv) == 0
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     results = json.loads(json_path.read_text())
     contenders = {r["contender"] for r in results["rows"]}
@@ -65,3 +66,30 @@ def test_active_flops_of_the_real_model_shape():
     attention = 2 * (3 * H * H + H * H) + 2 * (S * H + S * H)
     expected = 12 * attention + 6 * (2 * 2 * H * F) + 6 * (2 * H * 8 + 2 * 2 * 2 * H * F)
     assert shape.active_flops_per_token(S) == expected
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rounds", "0"], "--rounds 0: at least one timed round"),
+        (["--json", "{tmp}/no-such-folder/b.json"], "no-such-folder does not exist"),
+        (["--plot", "{tmp}/b.txt"], "matplotlib cannot write .txt"),
+        (["--torch-reference", "{tmp}/no-such-checkpoint"], "no checkpoint directory"),
+        (["--torch-reference", "{tmp}"], "no config.json"),
+    ],
+    ids=["rounds", "json-folder", "plot-format", "reference-missing", "reference-not-a-checkpoint"],
+)
+def test_bench_refuses_bad_arguments_before_measuring(tiny_export, tmp_path, capsys, monkeypatch, extra, message):
+    from nomic_export.exporter import bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("bench started measuring before refusing its arguments")
+
+    monkeypatch.setattr(bench, "measure_in_child", measured)
+    out = shutil.copytree(tiny_export, tmp_path / "out")
+    report_before = (out / "export_report.json").read_text()
+    argv = ["bench", str(out), "--batch", "1", "--seq", "8", "--threads", "1", "-q"]
+    assert main(argv + [a.format(tmp=tmp_path) for a in extra]) == 2
+    assert message in capsys.readouterr().err
+    assert (out / "export_report.json").read_text() == report_before
+    assert not list(tmp_path.glob("b.*"))
