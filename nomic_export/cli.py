@@ -215,7 +215,14 @@ def _add_gate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills embed's [texts ...] only up to the first option, so in `embed OUT --task T "text"` the
+        # text arrives here; anything that looks like an option is still an error.
+        if args.command != "embed" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.texts += extra
     # Our own progress lines at INFO; other libraries' chatter (torch.onnx, onnxscript) only when it is an error.
     logging.basicConfig(level=logging.ERROR, format="%(message)s", stream=sys.stderr)
     # -q hides progress (INFO); warnings stay, e.g. publishing an unverified export.

@@ -275,6 +275,19 @@ def test_cli_embed_prints_one_json_line_per_text(tiny_export, tmp_path, capsys, 
         np.testing.assert_allclose(np.array(row["embedding"], dtype=np.float32), vector, atol=BATCHING_ATOL)
 
 
+def test_cli_embed_takes_texts_after_options(tiny_export, capsys, moe):
+    assert main(["embed", str(tiny_export), "first", "--task", "search_query", "--dim", "64", "second", "third"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["first", "second", "third"]
+    expected = list(moe.embed(["first", "second", "third"], task="search_query"))
+    for row, vector in zip(rows, expected):
+        np.testing.assert_allclose(np.array(row["embedding"], dtype=np.float32), vector, atol=BATCHING_ATOL)
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", str(tiny_export), "--dim", "64", "text", "--no-such-flag"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: text --no-such-flag" in capsys.readouterr().err
+
+
 def test_cli_embed_bad_input_exits_2(tiny_export, tmp_path, capsys):
     assert main(["embed", str(tiny_export), "x", "--dim", "32"]) == 2
     assert "dim is 32" in capsys.readouterr().err
