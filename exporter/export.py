@@ -115,6 +115,7 @@ def export(
         moe_path = tmp / variant_onnx_path("moe")
         log.info("export: moe (torch.onnx dynamo, opset %d)", opset)
         _export_moe_graph_in_subprocess(source, moe_path, opset)
+        _check_written_opset(moe_path, opset)
         for variant in variants:
             if variant != "moe":
                 log.info("export: %s (derived from the moe graph)", variant)
@@ -158,6 +159,22 @@ def _export_moe_graph_in_subprocess(source: Path, path: Path, opset: int) -> Non
     done = subprocess.run([sys.executable, "-c", code, str(source), str(path), str(opset)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"exporting the moe graph failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def _check_written_opset(path: Path, opset: int) -> None:
+    """torch's exporter falls back to its base opset when it cannot convert to the one asked for (it did for 26
+    with torch 2.13), which leaves RotaryEmbedding in a graph too old for it; refuse that here, not in ORT."""
+    import onnx
+    import torch
+
+    from nomic_export.exporter.graphs import DEFAULT_OPSET
+
+    written = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}.get("", 0)
+    if written != opset:
+        raise UserError(
+            f"--opset {opset}: torch {torch.__version__}'s exporter wrote opset {written} instead; pass an opset it "
+            f"can write, such as the default {DEFAULT_OPSET} (23 to 25 export with torch 2.13)."
+        )
 
 
 def _copy_source_files(source: Path, dest: Path) -> None:

@@ -231,3 +231,21 @@ def test_bad_model_exits_2_and_writes_nothing(tiny_copy, tmp_path, capsys, break
 def test_unknown_variant_exits_2(tiny_checkpoint, tmp_path, capsys):
     assert main(["export", str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--variants", "moe,fast"]) == 2
     assert "unknown ['fast']" in capsys.readouterr().err
+
+
+def test_an_opset_the_exporter_did_not_write_exits_2(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """torch's exporter falls back to its base opset when it cannot convert (opset 26 with torch 2.13)."""
+    from onnx import helper
+
+    from nomic_export.exporter import export as export_module
+
+    def fallen_back(source, path, opset):
+        graph = helper.make_graph([], "g", [], [])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+    monkeypatch.setattr(export_module, "_export_moe_graph_in_subprocess", fallen_back)
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_checkpoint), "-o", str(out), "--opset", "24", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--opset 24: torch" in err and "wrote opset 18 instead" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
