@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from nomic_export.errors import UserError
-from nomic_export.layout import REPORT_NAME, apply_ort_config, variant_onnx_path, write_text_atomic
+from nomic_export.layout import REPORT_NAME, apply_ort_config, inference_session, variant_onnx_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def ort_session(out: Path, variant: str, threads: int):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if variant == "moe":
         options.register_custom_ops_library(str(find_op_library(out)))
-    session = ort.InferenceSession(str(out / variant_onnx_path(variant)), options, providers=["CPUExecutionProvider"])
+    graph = out / variant_onnx_path(variant)
+    session = inference_session(str(graph), options, graph)
     return lambda ids, mask: session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
 
 

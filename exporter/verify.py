@@ -29,6 +29,7 @@ from nomic_export.layout import (
     MAX_TOKENS,
     VARIANTS,
     apply_ort_config,
+    inference_session,
     platform_tag,
     variant_onnx_path,
 )
@@ -149,7 +150,7 @@ def open_session(out: Path, variant: str, extra_outputs: bool = False):
             raise UserError(f"{library}: missing; the moe variant needs the op library. Re-export, or run build-ops.")
         options.register_custom_ops_library(str(library))
     if not extra_outputs:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), []
+        return inference_session(str(path), options, path), []
     # Verification runs each graph once per probe batch: pre-packed weight copies (about the weights' size
     # again for the dense variant) would cost memory, not time. The same MLAS kernels run either way.
     options.add_session_config_entry("session.disable_prepacking", "1")
@@ -158,7 +159,7 @@ def open_session(out: Path, variant: str, extra_outputs: bool = False):
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     # From bytes, ORT finds external data in the folder this session option names.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = inference_session(model.SerializeToString(), options, path)
     return session, names
 
 

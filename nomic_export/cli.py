@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"nomic-export {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a path that cannot be read or written: under a file, no permission, disk full
+        print(f"nomic-export {args.command}: error: {err}; check the path and its permissions", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nomic-export {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

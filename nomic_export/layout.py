@@ -58,6 +58,27 @@ TASK_PREFIXES = {
 }
 
 
+def inference_session(model: str | bytes, options, source: Path, providers=("CPUExecutionProvider",)):
+    """``onnxruntime.InferenceSession`` on an exported graph; a graph ORT cannot load is a UserError naming ``source``.
+
+    ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...) for a truncated weights file, a
+    graph edited by hand or a missing op; the message keeps ORT's first line, which says which.
+    """
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(model, options, providers=list(providers))
+    except Exception as err:
+        if type(err).__module__ != "onnxruntime.capi.onnxruntime_pybind11_state":
+            raise
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"{source}: onnxruntime {ort.__version__} cannot load it ({reason}). An export that was copied or "
+            "downloaded may be incomplete (export_report.json lists every file's size and sha256): copy or "
+            "download it again, or export it again."
+        ) from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (the report, the model card): a temporary file beside it, renamed over it."""
     tmp = path.with_name(path.name + ".tmp")

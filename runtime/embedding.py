@@ -33,6 +33,7 @@ from nomic_export.layout import (
     TASK_PREFIXES,
     VARIANTS,
     apply_ort_config,
+    inference_session,
     platform_tag,
     variant_onnx_path,
 )
@@ -221,6 +222,8 @@ class MoETextEmbedding:
         check_onnxruntime_version(ort.__version__)
         if variant not in VARIANTS:
             raise UserError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise UserError(f"threads is {threads!r}; pass an int >= 1, or 0 or None for ORT's choice (one per core)")
         self.path = resolve_model_dir(path_or_hub_id, variant, cache_dir=cache_dir, revision=revision)
         self.variant = variant
         config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
@@ -235,9 +238,8 @@ class MoETextEmbedding:
             options.register_custom_ops_library(str(self.op_library))
         else:
             self.op_library = None
-        self.session = ort.InferenceSession(
-            str(self.path / variant_onnx_path(variant)), options, providers=list(providers or ["CPUExecutionProvider"])
-        )
+        graph = self.path / variant_onnx_path(variant)
+        self.session = inference_session(str(graph), options, graph, providers=providers or ("CPUExecutionProvider",))
         width = {o.name: o.shape for o in self.session.get_outputs()}["sentence_embedding"][-1]
         self.hidden_size = width if isinstance(width, int) else int(config.get("n_embd", 768))
 

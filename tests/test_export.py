@@ -249,3 +249,15 @@ def test_an_opset_the_exporter_did_not_write_exits_2(tiny_checkpoint, tmp_path, 
     err = capsys.readouterr().err
     assert "--opset 24: torch" in err and "wrote opset 18 instead" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_weights_file_is_a_clear_error(tiny_export, tmp_path, capsys):
+    out = shutil.copytree(tiny_export, tmp_path / "out")
+    data = out / (variant_onnx_path("moe") + "_data")
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    assert main(["verify", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / variant_onnx_path('moe')}: onnxruntime" in err and "cannot load it" in err
+    assert main(["embed", str(out), "hello"]) == 2
+    assert "cannot load it" in capsys.readouterr().err

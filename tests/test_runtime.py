@@ -291,6 +291,8 @@ def test_cli_embed_takes_texts_after_options(tiny_export, capsys, moe):
 def test_cli_embed_bad_input_exits_2(tiny_export, tmp_path, capsys):
     assert main(["embed", str(tiny_export), "x", "--dim", "32"]) == 2
     assert "dim is 32" in capsys.readouterr().err
+    assert main(["embed", str(tiny_export), "x", "--threads", "-1"]) == 2
+    assert "threads is -1" in capsys.readouterr().err
     assert main(["embed", str(tmp_path / "missing"), "x"]) == 2
     assert main(["embed", str(tiny_export), "--file", str(tmp_path / "no.txt")]) == 2
 

@@ -91,6 +91,23 @@ def test_existing_directory_is_refused_without_overwrite(tiny_copy):
 # ------------------------------------------------------------------------------------- bad inputs
 
 
+@pytest.mark.parametrize("command", ["init-random", "export"])
+def test_an_output_path_under_a_file_is_a_clear_error(tiny_checkpoint, tmp_path, capsys, command):
+    from nomic_export.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    target = a_file / "out"
+    if command == "init-random":
+        argv = ["init-random", str(target), "--preset", "tiny"]
+    else:
+        argv = ["export", str(tiny_checkpoint), "-o", str(target), "-q"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nomic-export {command}: error: ") and str(a_file) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(UserError, match="no checkpoint directory"):
         resolve_checkpoint(tmp_path / "nope")
