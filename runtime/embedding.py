@@ -314,7 +314,7 @@ class MoETextEmbedding:
             An iterator of ``(dim or hidden,)`` float32 arrays.
 
         Raises:
-            TypeError: an item is not a str (the message names its index).
+            TypeError: ``documents`` is not a str or an iterable, or an item is not a str (named by its index).
             ValueError: an unknown task, a dim out of range, or a batch_size below 1.
 
         Example:
@@ -328,7 +328,12 @@ class MoETextEmbedding:
             raise ValueError(f"batch_size is {batch_size!r}; it must be an int >= 1")
         if isinstance(documents, str):
             documents = [documents]
-        return self._embed(iter(documents), batch_size, task, dim, stats if stats is not None else EmbedStats())
+        try:
+            documents = iter(documents)
+        except TypeError:
+            kind = type(documents).__name__
+            raise TypeError(f"documents is {kind} {documents!r}; pass a str or an iterable of str") from None
+        return self._embed(documents, batch_size, task, dim, stats if stats is not None else EmbedStats())
 
     def _embed(self, documents: Iterator, batch_size: int, task, dim, stats: EmbedStats) -> Iterator[np.ndarray]:
         window = batch_size * WINDOW_BATCHES

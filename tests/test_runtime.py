@@ -148,6 +148,8 @@ def test_non_string_item_is_a_type_error_naming_its_index(moe):
     texts = ["fine"] * 20 + [None]  # past the first window (16 texts at batch_size 1)
     with pytest.raises(TypeError, match=r"documents\[20\] is NoneType"):
         list(moe.embed(texts, batch_size=1))
+    with pytest.raises(TypeError, match=r"documents is NoneType None; pass a str or an iterable of str"):
+        moe.embed(None)  # refused at the call, not at the first next()
 
 
 def test_bad_task_and_batch_size_are_refused_at_the_call(moe):
