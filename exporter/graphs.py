@@ -28,7 +28,6 @@ from nomic_export.exporter.model import NomicMoEModel, pool
 from nomic_export.exporter.verify import MOE_INPUTS_KEY
 from nomic_export.layout import INPUT_NAMES, OUTPUT_NAMES
 
-
 DEFAULT_OPSET = 23  # the first opset with RotaryEmbedding (exporter/model.py: rope); ORT >= 1.23 runs it
 MAX_SEQUENCE = 2048  # RoPE is computed in the graph for any length up to max_trained_positions
 ORT_MOE_DOMAIN = "com.microsoft"

@@ -242,8 +242,7 @@ def _usage_section(variants: list[str], platforms: list[str], repo_id: str, hidd
             "so = ort.SessionOptions()\n"
             f'so.register_custom_ops_library(f"{{path}}/{library}")\n'
             + "".join(f'so.add_session_config_entry("{k}", "{v}")  # faster on CPU, see below\n' for k, v in ORT_CONFIG_ENTRIES.items())
-            + 
-            f'session = ort.InferenceSession(f"{{path}}/{variant_onnx_path("moe")}", so)\n\n'
+            + f'session = ort.InferenceSession(f"{{path}}/{variant_onnx_path("moe")}", so)\n\n'
             'tokenizer = Tokenizer.from_file(f"{path}/tokenizer.json")\n'
             "tokenizer.enable_truncation(max_length=512)\n"
             'tokenizer.enable_padding(pad_id=1, pad_token="<pad>")\n'

@@ -58,7 +58,7 @@ TASK_PREFIXES = {
 }
 
 
-def inference_session(model: str | bytes, options, source: Path, providers=("CPUExecutionProvider",)):
+def inference_session(model: str | bytes, options, source: Path, providers=None):
     """``onnxruntime.InferenceSession`` on an exported graph; a graph ORT cannot load is a UserError naming ``source``.
 
     ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...) for a truncated weights file, a
@@ -67,7 +67,7 @@ def inference_session(model: str | bytes, options, source: Path, providers=("CPU
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(model, options, providers=list(providers))
+        return ort.InferenceSession(model, options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:
         if type(err).__module__ != "onnxruntime.capi.onnxruntime_pybind11_state":
             raise

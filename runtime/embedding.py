@@ -239,7 +239,7 @@ class MoETextEmbedding:
         else:
             self.op_library = None
         graph = self.path / variant_onnx_path(variant)
-        self.session = inference_session(str(graph), options, graph, providers=providers or ("CPUExecutionProvider",))
+        self.session = inference_session(str(graph), options, graph, providers=providers)
         width = {o.name: o.shape for o in self.session.get_outputs()}["sentence_embedding"][-1]
         self.hidden_size = width if isinstance(width, int) else int(config.get("n_embd", 768))
 
